@@ -1,0 +1,306 @@
+"""The dispatch decisions, sans-I/O: intercept frames in, completion frames out.
+
+The :class:`Engine` decodes each frame, routes it through a :class:`Router`,
+runs synchronous handlers inline and returns the completion bytes. Work that
+must be awaited (an async handler) comes back as a :class:`Job` for the I/O
+layer to run; the layer reports the outcome with :meth:`Engine.finish`. The
+engine keeps the per-VP order: while a VP has a job outstanding, its later
+intercepts wait in a queue. Nothing here imports anyio or touches a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from .completion import COMPLETION, COMPLETION_STRUCT, COMPLETION_SIZE, PROTOCOL_VERSION, UNKNOWN_VP, Registers, Status
+from .errors import FrameError
+from .message import (
+    HEADER_SIZE,
+    IO_PORT_INTERCEPT,
+    IO_PORT_PAYLOAD_SIZE,
+    MAX_PAYLOAD,
+    SLOT_SIZE,
+    VALID_ACCESS_INFO,
+    check_header,
+    check_io_payload,
+)
+from .router import Claim, PortAccess, Router
+
+__all__ = ["Engine", "Job", "Step", "EngineStats"]
+
+log = logging.getLogger("dispatcher")
+
+# The fields the dispatch decision needs, up to and including RAX; the CS
+# base, limit and selector are skipped, its attributes give the code size.
+_LEAN = struct.Struct("<I4BQ" "IBBH" "14xH" "QQ" "HBBI" "Q")
+_MASK = (0, 0xFF, 0xFFFF, 0, 0xFFFF_FFFF)
+_KEEP = (0, ~0xFF & (1 << 64) - 1, ~0xFFFF & (1 << 64) - 1, 0, 0)
+_KNOWN = frozenset({IO_PORT_INTERCEPT})
+_PAYLOAD = COMPLETION_SIZE - HEADER_SIZE
+_pack = COMPLETION_STRUCT.pack
+_RIP = int(Registers.RIP)
+_RIP_RAX = int(Registers.RIP | Registers.RAX)
+
+
+class Step(NamedTuple):
+    """One handler call of an access (``claim`` is None for an unclaimed part)."""
+
+    claim: Claim | None
+    access: PortAccess
+    shift: int
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """An intercept whose handlers must be awaited. ``steps`` run in order."""
+
+    key: int
+    steps: list[Step]
+    partition: int
+    vp_index: int
+    port: int
+    access_info: int
+    is_write: bool
+    rax: int
+    next_rip: int
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters since the engine started."""
+
+    intercepts: int = 0
+    completed: int = 0
+    handler_failed: int = 0
+    deadline_exceeded: int = 0
+    protocol_errors: int = 0
+    unsupported: int = 0
+    unclaimed_reads: int = 0
+    unclaimed_writes: int = 0
+    per_port: Counter[int] = field(default_factory=Counter)
+
+
+def _next_rip(rip: int, length: int, state: int, cs_attributes: int) -> int:
+    # IP wraps at the code segment's size: 64-bit code in long mode (EFER.LMA
+    # and CS.L), else 32-bit when CS.D is set, else 16-bit.
+    if state & 0x10 and cs_attributes & 0x2000:
+        return (rip + length) & 0xFFFF_FFFF_FFFF_FFFF
+    if cs_attributes & 0x4000:
+        return (rip + length) & 0xFFFF_FFFF
+    return (rip + length) & 0xFFFF
+
+
+class Engine:
+    """Sans-I/O dispatch over one connection's stream of intercept frames.
+
+    ``deadline`` (seconds, or None) bounds a handler: a synchronous handler
+    cannot be interrupted, so one that returns after the deadline has its
+    result discarded; an async one is cancelled by the I/O layer. Either way
+    the VP gets a DEADLINE_EXCEEDED completion.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        *,
+        deadline: float | None = 1.0,
+        clock: Callable[[], float] = time.perf_counter,
+        stats: EngineStats | None = None,
+    ) -> None:
+        self.router = router
+        self.deadline = deadline
+        self.stats = stats if stats is not None else EngineStats()
+        self._clock = clock
+        self._waiting: dict[int, deque[bytes]] = {}
+
+    @property
+    def busy(self) -> bool:
+        """True while some VP has a job outstanding."""
+        return bool(self._waiting)
+
+    def receive(self, frames: Iterable[bytes]) -> tuple[list[bytes], list[Job]]:
+        """Take a batch of frames; return completions ready now and jobs to run."""
+        out: list[bytes] = []
+        jobs: list[Job] = []
+        process = self._process
+        for frame in frames:
+            job = process(frame, out)
+            if job is not None:
+                jobs.append(job)
+        return out, jobs
+
+    def finish(
+        self, job: Job, results: list[object] | None, status: Status = Status.COMPLETED, error: BaseException | None = None
+    ) -> tuple[list[bytes], list[Job]]:
+        """Report a job's outcome; return its completion and whatever that VP may run next.
+
+        ``results`` holds each step's handler return value (None for
+        unclaimed steps) when ``status`` is COMPLETED.
+        """
+        out: list[bytes] = []
+        if status is Status.COMPLETED and results is not None:
+            out.append(self._complete(job.partition, job.vp_index, job.port, job.access_info, job.is_write,
+                                      job.rax, job.next_rip, job.steps, results))
+        else:
+            out.append(self._fail(job.partition, job.vp_index, job.port, job.access_info, job.is_write,
+                                  job.rax, job.next_rip, status, error, job.steps))
+        queue = self._waiting[job.key]
+        while queue:
+            next_job = self._process(queue.popleft(), out, queued=True)
+            if next_job is not None:
+                return out, [next_job]
+        del self._waiting[job.key]
+        return out, []
+
+    def _process(self, frame: bytes, out: list[bytes], queued: bool = False) -> Job | None:
+        stats = self.stats
+        try:
+            (mtype, b4, _b5, _b6, _b7, partition, vp, length_cr8, access_type, state, cs_attributes,
+             rip, _rflags, port, access_info, byte_count, _reserved, rax) = _LEAN.unpack_from(frame)
+        except struct.error:
+            # Too short to hold the fields above: the precise check names the gap.
+            return self._reject(frame, out)
+        n = len(frame)
+        if not (
+            mtype == IO_PORT_INTERCEPT
+            and IO_PORT_PAYLOAD_SIZE <= b4 <= MAX_PAYLOAD
+            and HEADER_SIZE + b4 <= n <= SLOT_SIZE
+            and access_type <= 1
+            and VALID_ACCESS_INFO[access_info]
+            and byte_count <= 16
+        ):
+            if first_error(frame) is not None:
+                return self._reject(frame, out)
+        key = partition << 32 | vp
+        if not queued:
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                waiting.append(frame)
+                return None
+        stats.intercepts += 1
+        stats.per_port[port] += 1
+        next_rip = _next_rip(rip, length_cr8 & 0xF, state, cs_attributes)
+        if access_info & 0x08:
+            stats.unsupported += 1
+            out.append(_pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, Status.UNSUPPORTED,
+                             0, rip, rax, 0, 0, 0, port, access_info, 0, 0))
+            return None
+        size = access_info & 7
+        is_write = access_type == 1
+        claim = (self.router.write_table if is_write else self.router.read_table)[port]
+        if claim is not None and claim.last >= port + size - 1 and size <= claim.max_size:
+            steps = [Step(claim, PortAccess(port, size, is_write, rax & _MASK[size] if is_write else 0,
+                                            port - claim.first, vp, partition), 0)]
+        else:
+            steps = self._split(port, size, is_write, rax, vp, partition)
+        if any(step.claim is not None and step.claim.is_async for step in steps):
+            self._waiting[key] = deque()
+            return Job(key, steps, partition, vp, port, access_info, is_write, rax, next_rip)
+        results: list[object] = []
+        clock = self._clock
+        started = clock()
+        try:
+            for step in steps:
+                results.append(None if step.claim is None else step.claim.handler(step.access))
+        except Exception as error:
+            out.append(self._fail(partition, vp, port, access_info, is_write, rax, next_rip,
+                                  Status.HANDLER_FAILED, error, steps))
+            return None
+        if self.deadline is not None and clock() - started > self.deadline:
+            out.append(self._fail(partition, vp, port, access_info, is_write, rax, next_rip,
+                                  Status.DEADLINE_EXCEEDED, None, steps))
+            return None
+        out.append(self._complete(partition, vp, port, access_info, is_write, rax, next_rip, steps, results))
+        return None
+
+    def _split(self, port: int, size: int, is_write: bool, rax: int, vp: int, partition: int) -> list[Step]:
+        # Straddling, partly unclaimed or wider than the claim takes: one byte
+        # access per port, combined little-endian. Wholly unclaimed: one
+        # unclaimed step.
+        table = self.router.write_table if is_write else self.router.read_table
+        claims = [table[port + i] for i in range(size)]
+        if all(c is None for c in claims):
+            return [Step(None, PortAccess(port, size, is_write, rax & _MASK[size], 0, vp, partition), 0)]
+        return [
+            Step(c, PortAccess(port + i, 1, is_write, rax >> 8 * i & 0xFF,
+                               port + i - c.first if c is not None else 0, vp, partition), 8 * i)
+            for i, c in enumerate(claims)
+        ]
+
+    def _complete(self, partition: int, vp: int, port: int, access_info: int, is_write: bool, rax: int,
+                  next_rip: int, steps: list[Step], results: list[object]) -> bytes:
+        stats = self.stats
+        if is_write:
+            for step in steps:
+                if step.claim is None:
+                    stats.unclaimed_writes += 1
+            stats.completed += 1
+            return _pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, 0, _RIP, next_rip, rax,
+                         0, 0, 0, port, access_info, 0, 0)
+        value = 0
+        for step, result in zip(steps, results):
+            mask = _MASK[step.access.size]
+            if step.claim is None:
+                stats.unclaimed_reads += 1
+                value |= mask << step.shift
+            elif type(result) is int or isinstance(result, int):
+                value |= (result & mask) << step.shift
+            else:
+                error = TypeError(f"a read handler returned {result!r}, not an int")
+                return self._fail(partition, vp, port, access_info, is_write, rax, next_rip,
+                                  Status.HANDLER_FAILED, error, steps)
+        size = access_info & 7
+        stats.completed += 1
+        return _pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, 0, _RIP_RAX, next_rip,
+                     (rax & _KEEP[size]) | value, 0, 0, 0, port, access_info, 0, 0)
+
+    def _fail(self, partition: int, vp: int, port: int, access_info: int, is_write: bool, rax: int, next_rip: int,
+              status: Status, error: BaseException | None, steps: list[Step]) -> bytes:
+        # The instruction still completes, as on hardware with a dead device:
+        # a read gets all ones, a write is dropped.
+        stats = self.stats
+        if status is Status.DEADLINE_EXCEEDED:
+            stats.deadline_exceeded += 1
+        else:
+            stats.handler_failed += 1
+        names = ", ".join(sorted({s.claim.name for s in steps if s.claim is not None}))
+        log.error(
+            "%s on port %#x (%s, %d bytes) by %s, partition %d, VP %d",
+            "handler failed" if status is Status.HANDLER_FAILED else "deadline exceeded",
+            port, "write" if is_write else "read", access_info & 7, names, partition, vp,
+            exc_info=error,
+        )
+        size = access_info & 7
+        if is_write:
+            return _pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, status, _RIP, next_rip,
+                         rax, 0, 0, 0, port, access_info, 0, 0)
+        return _pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, status, _RIP_RAX, next_rip,
+                     (rax & _KEEP[size]) | _MASK[size], 0, 0, 0, port, access_info, 0, 0)
+
+    def _reject(self, frame: bytes, out: list[bytes]) -> None:
+        """Answer a malformed frame with a PROTOCOL_ERROR completion naming the bad offset."""
+        self.stats.protocol_errors += 1
+        error = first_error(frame)
+        offset, reason = (error.offset, str(error)) if error is not None else (0, "malformed frame")
+        partition = int.from_bytes(frame[8:16], "little") if len(frame) >= 16 else 0
+        vp = int.from_bytes(frame[16:20], "little") if len(frame) >= 20 else UNKNOWN_VP
+        log.warning("rejected a frame from partition %d, VP %#x: %s", partition, vp, reason)
+        out.append(_pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, Status.PROTOCOL_ERROR, 0,
+                         0, 0, 0, 0, 0, 0, 0, 0, offset))
+        return None
+
+
+def first_error(frame: bytes) -> FrameError | None:
+    """The first check an intercept frame fails, or None if it is well formed."""
+    try:
+        check_header(frame, int.from_bytes(frame[:4], "little") if len(frame) >= 4 else 0, _KNOWN)
+        check_io_payload(frame[21], frame[58], frame[59])
+    except FrameError as error:
+        return error
+    return None

@@ -1,0 +1,64 @@
+"""The project's exception family: one root, a few meaningful branches."""
+
+from __future__ import annotations
+
+__all__ = [
+    "DispatchError",
+    "FrameError",
+    "ShortFrameError",
+    "UnknownMessageTypeError",
+    "FieldValueError",
+    "RoutingError",
+    "OverlappingClaimError",
+    "TransportError",
+    "TransportClosedError",
+]
+
+
+class DispatchError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class FrameError(DispatchError):
+    """A frame's bytes do not form a valid message.
+
+    ``field``, ``offset`` and ``value`` name what was wrong: the field's name,
+    its byte offset in the frame and the value found there (``None`` when the
+    bytes were missing).
+    """
+
+    def __init__(self, reason: str, *, field: str, offset: int, value: int | None) -> None:
+        shown = "missing" if value is None else hex(value)
+        super().__init__(f"{field} at offset {offset} = {shown}: {reason}")
+        self.reason = reason
+        self.field = field
+        self.offset = offset
+        self.value = value
+
+
+class ShortFrameError(FrameError):
+    """The frame ends before the bytes its header promises."""
+
+
+class UnknownMessageTypeError(FrameError):
+    """The MessageType is not one this project reads."""
+
+
+class FieldValueError(FrameError):
+    """A field holds a value its definition forbids."""
+
+
+class RoutingError(DispatchError):
+    """A port claim cannot be installed or removed."""
+
+
+class OverlappingClaimError(RoutingError):
+    """A claim overlaps a port already claimed for the same direction."""
+
+
+class TransportError(DispatchError):
+    """A transport failed to carry frames."""
+
+
+class TransportClosedError(TransportError):
+    """The other end of the transport has gone away."""

@@ -1,0 +1,264 @@
+"""Port claims: which handler answers which port, in which direction.
+
+A :class:`Router` is an explicit table; nothing is registered at import
+time. :func:`on_port` only marks a function or method, and
+:meth:`Router.include` collects the marks of a module or a device object,
+in the way pluggy collects hook implementations.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar, Union
+
+from .announce import PortRange
+from .errors import OverlappingClaimError, RoutingError
+
+__all__ = ["Access", "PortAccess", "Handler", "Claim", "Router", "on_port", "PORT_LIMIT"]
+
+# An access at port 0xFFFF of size 4 reaches three ports past it; the tables
+# cover them so lookups need no bounds check. They are never claimable.
+PORT_LIMIT = 0x10000
+_TABLE_SIZE = PORT_LIMIT + 3
+
+
+class Access(enum.IntFlag):
+    """The directions a claim serves."""
+
+    READ = 1
+    WRITE = 2
+    READ_WRITE = 3
+
+
+class PortAccess(NamedTuple):
+    """What a handler is called with: one access to its claim.
+
+    For a write, ``value`` holds the ``size`` bytes written; for a read it is
+    0 and the handler returns the value read. ``offset`` is ``port`` less the
+    first port of the claim.
+    """
+
+    port: int
+    size: int
+    is_write: bool
+    value: int
+    offset: int
+    vp_index: int
+    partition: int
+
+
+HandlerResult = Union[int, None, Awaitable[Union[int, None]]]
+Handler = Callable[[PortAccess], HandlerResult]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Claim:
+    """An installed claim: ports ``first..last`` in the given directions."""
+
+    first: int
+    last: int
+    access: Access
+    handler: Handler
+    is_async: bool
+    max_size: int = 4
+
+    @property
+    def name(self) -> str:
+        return getattr(self.handler, "__qualname__", repr(self.handler))
+
+
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    port: int
+    count: int
+    access: Access
+    max_size: int
+
+
+_MARKS = "__intercept_dispatch_ports__"
+
+
+def _access(access: Access | str) -> Access:
+    if isinstance(access, str):
+        try:
+            return {"r": Access.READ, "w": Access.WRITE, "rw": Access.READ_WRITE}[access]
+        except KeyError:
+            raise ValueError(f"access must be 'r', 'w' or 'rw', not {access!r}") from None
+    return Access(access)
+
+
+def on_port(
+    port: int, count: int = 1, *, access: Access | str = Access.READ_WRITE, max_size: int = 4
+) -> Callable[[F], F]:
+    """Mark a function or method as the handler of ``count`` ports from ``port``.
+
+    The mark installs nothing; a router installs it with
+    :meth:`Router.include`. On a device object the port is an offset from the
+    base given to ``include`` (by default the object's ``io_base``). The
+    arguments are those of :meth:`Router.add`.
+    """
+    mark = _Mark(port, count, _access(access), _max_size(max_size))
+
+    def decorate(func: F) -> F:
+        setattr(func, _MARKS, (*getattr(func, _MARKS, ()), mark))
+        return func
+
+    return decorate
+
+
+def _max_size(max_size: int) -> int:
+    if max_size not in (1, 2, 4):
+        raise ValueError(f"max_size must be 1, 2 or 4, not {max_size}")
+    return max_size
+
+
+def _is_async(handler: Callable[..., Any]) -> bool:
+    target = getattr(handler, "__call__", None)
+    return inspect.iscoroutinefunction(handler) or (
+        not inspect.isroutine(handler) and target is not None and inspect.iscoroutinefunction(target)
+    )
+
+
+class Router:
+    """The port table: O(1) lookup per access, claims installed and removed at run time."""
+
+    def __init__(self) -> None:
+        self._read: list[Claim | None] = [None] * _TABLE_SIZE
+        self._write: list[Claim | None] = [None] * _TABLE_SIZE
+        self._claims: list[Claim] = []
+
+    # The dispatcher reads these tables directly on its hot path.
+    @property
+    def read_table(self) -> list[Claim | None]:
+        return self._read
+
+    @property
+    def write_table(self) -> list[Claim | None]:
+        return self._write
+
+    def add(
+        self,
+        handler: Handler,
+        port: int,
+        count: int = 1,
+        *,
+        access: Access | str = Access.READ_WRITE,
+        max_size: int = 4,
+    ) -> Claim:
+        """Install ``handler`` for ``count`` ports from ``port``; return the claim.
+
+        ``access`` is the directions served ("r", "w" or "rw"); the other
+        direction stays unclaimed. An access wider than ``max_size`` bytes
+        reaches the handler as byte accesses, as an 8-bit device on a wider
+        bus sees it. Raises :class:`~dispatcher.errors.OverlappingClaimError` if any of
+        the ports is already claimed in one of the same directions.
+        """
+        direction = _access(access)
+        last = port + count - 1
+        if count < 1 or not 0 <= port or last >= PORT_LIMIT:
+            raise RoutingError(f"ports {port:#x}+{count} are outside 0x0000..0xffff")
+        claim = Claim(port, last, direction, handler, _is_async(handler), _max_size(max_size))
+        tables = [t for flag, t in ((Access.READ, self._read), (Access.WRITE, self._write)) if direction & flag]
+        for table in tables:
+            for p in range(port, last + 1):
+                other = table[p]
+                if other is not None:
+                    raise OverlappingClaimError(
+                        f"{claim.name} claims port {p:#x} ({direction.name}), "
+                        f"already claimed by {other.name} for {other.first:#x}..{other.last:#x}"
+                    )
+        for table in tables:
+            table[port : last + 1] = [claim] * count
+        self._claims.append(claim)
+        return claim
+
+    def on_port(
+        self, port: int, count: int = 1, *, access: Access | str = Access.READ_WRITE, max_size: int = 4
+    ) -> Callable[[F], F]:
+        """Decorator form of :meth:`add`."""
+
+        def decorate(func: F) -> F:
+            self.add(func, port, count, access=access, max_size=max_size)
+            return func
+
+        return decorate
+
+    def remove(self, claim: Claim) -> None:
+        """Uninstall a claim; its ports become unclaimed."""
+        try:
+            self._claims.remove(claim)
+        except ValueError:
+            raise RoutingError(f"{claim.name} at {claim.first:#x} is not installed here") from None
+        for flag, table in ((Access.READ, self._read), (Access.WRITE, self._write)):
+            if claim.access & flag:
+                table[claim.first : claim.last + 1] = [None] * (claim.last - claim.first + 1)
+
+    def include(self, source: object, *, base: int | None = None) -> list[Claim]:
+        """Install the claims of another router, or the marked handlers of a module or object.
+
+        For a router, its claims are copied as they are. Otherwise each
+        :func:`on_port` mark is installed at ``base`` plus its port; ``base``
+        defaults to the object's ``io_base`` attribute, else 0. All or none
+        are installed.
+        """
+        if isinstance(source, Router):
+            wanted = [(c.handler, c.first, c.last - c.first + 1, c.access, c.max_size) for c in source._claims]
+        else:
+            offset = getattr(source, "io_base", 0) if base is None else base
+            wanted = [
+                (handler, offset + mark.port, mark.count, mark.access, mark.max_size)
+                for handler, mark in _marked(source)
+            ]
+        installed: list[Claim] = []
+        try:
+            for handler, port, count, access, max_size in wanted:
+                installed.append(self.add(handler, port, count, access=access, max_size=max_size))
+        except RoutingError:
+            for claim in installed:
+                self.remove(claim)
+            raise
+        return installed
+
+    def lookup(self, port: int, *, write: bool) -> Claim | None:
+        """The claim that serves ``port`` in that direction, if any."""
+        return (self._write if write else self._read)[port]
+
+    @property
+    def claims(self) -> tuple[Claim, ...]:
+        return tuple(self._claims)
+
+    def port_ranges(self) -> list[PortRange]:
+        """The claimed ports as sorted ranges with their directions, merged where adjacent."""
+        ranges: list[PortRange] = []
+        for port in range(PORT_LIMIT):
+            access = (self._read[port] is not None) | (self._write[port] is not None) << 1
+            if not access:
+                continue
+            if ranges and ranges[-1].last == port - 1 and ranges[-1].access == access:
+                ranges[-1] = ranges[-1]._replace(last=port)
+            else:
+                ranges.append(PortRange(port, port, access))
+        return ranges
+
+
+def _marked(source: object) -> Iterator[tuple[Handler, _Mark]]:
+    seen: list[object] = []
+    for name in dir(source):
+        if name.startswith("__"):
+            continue
+        try:
+            value = getattr(source, name)
+        except AttributeError:
+            continue
+        marks: Iterable[_Mark] = getattr(value, _MARKS, ())
+        # A function reachable under two names is installed once.
+        function = getattr(value, "__func__", value)
+        if not marks or not callable(value) or any(function is f for f in seen):
+            continue
+        seen.append(function)
+        for mark in marks:
+            yield value, mark

@@ -1,0 +1,1 @@
+"""Device models built on the public API of intercept-dispatch."""

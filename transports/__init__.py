@@ -1,0 +1,1 @@
+"""Transports that carry intercept and completion frames to a Dispatcher."""
