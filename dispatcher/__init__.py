@@ -20,6 +20,7 @@ from .errors import (
     UnknownMessageTypeError,
 )
 from .fields import AccessInfo, AccessType, ExecutionState, SegmentAttributes, SegmentRegister
+from .irq import NO_RECEIVER, IrqEvent, IrqLine, IrqReceiver, IrqRecorder
 from .loop import Dispatcher
 from .message import IO_PORT_INTERCEPT, IoPortInterceptMessage, decode_message
 from .router import Access, Claim, Handler, PortAccess, Router, on_port
@@ -29,6 +30,7 @@ __all__ = [
     "ANNOUNCEMENT",
     "COMPLETION",
     "IO_PORT_INTERCEPT",
+    "NO_RECEIVER",
     "PROTOCOL_VERSION",
     "UNKNOWN_VP",
     "Access",
@@ -45,6 +47,10 @@ __all__ = [
     "FrameError",
     "Handler",
     "IoPortInterceptMessage",
+    "IrqEvent",
+    "IrqLine",
+    "IrqReceiver",
+    "IrqRecorder",
     "Job",
     "OverlappingClaimError",
     "PortAccess",
