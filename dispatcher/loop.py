@@ -97,8 +97,9 @@ class Dispatcher:
                         tg.start_soon(run, job)
                     if out:
                         await send(out)
-        except TransportError as error:
-            log.warning("connection lost: %s", error)
+        except* TransportError as group:
+            # The task group wraps errors in an ExceptionGroup, whether the read loop or a job's send raised them.
+            log.warning("connection lost: %s", "; ".join(str(error) for error in group.exceptions))
         finally:
             with anyio.CancelScope(shield=True):
                 await transport.aclose()
