@@ -1,0 +1,238 @@
+"""The sans-I/O engine: completions computed from frames, without any event loop."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dispatcher import (
+    AccessInfo,
+    AccessType,
+    Completion,
+    Engine,
+    ExecutionState,
+    IoPortInterceptMessage,
+    PortAccess,
+    Registers,
+    Router,
+    SegmentAttributes,
+    SegmentRegister,
+    Status,
+    decode_completion,
+)
+
+
+def frame(port: int, size: int = 1, *, write: bool = False, rax: int = 0, vp: int = 0, **fields: object) -> bytes:
+    return IoPortInterceptMessage(
+        port_number=port,
+        access_type=AccessType.WRITE if write else AccessType.READ,
+        access_info=AccessInfo.build(size),
+        rax=rax,
+        vp_index=vp,
+        **fields,  # type: ignore[arg-type]
+    ).to_bytes()
+
+
+def run(engine: Engine, *frames: bytes) -> list[Completion]:
+    out, jobs = engine.receive(frames)
+    assert jobs == []
+    return [decode_completion(f) for f in out]
+
+
+def reference_in_merge(rax: int, size: int, value: int) -> int:
+    """IN as the SDM describes it, written independently of the engine."""
+    if size == 4:
+        return value & 0xFFFF_FFFF
+    low_bits = 8 * size
+    return (rax >> low_bits << low_bits) | (value & ((1 << low_bits) - 1))
+
+
+@given(rax=st.integers(0, 2**64 - 1), size=st.sampled_from([1, 2, 4]), value=st.integers(0, 2**64 - 1))
+def test_in_merges_rax_like_the_architecture(rax: int, size: int, value: int) -> None:
+    router = Router()
+    router.add(lambda access: value, 0x100, 4)
+    [completion] = run(Engine(router), frame(0x100, size, rax=rax))
+    assert completion.registers == Registers.RIP | Registers.RAX
+    assert completion.rax == reference_in_merge(rax, size, value)
+
+
+@given(rax=st.integers(0, 2**64 - 1), size=st.sampled_from([1, 2, 4]))
+def test_out_gives_the_handler_the_low_bytes_of_rax(rax: int, size: int) -> None:
+    seen: list[PortAccess] = []
+    router = Router()
+    router.add(seen.append, 0x100, 4)
+    [completion] = run(Engine(router), frame(0x100, size, write=True, rax=rax))
+    assert seen[0].value == rax & ((1 << 8 * size) - 1) and seen[0].size == size and seen[0].is_write
+    assert completion.registers == Registers.RIP
+
+
+@pytest.mark.parametrize(
+    ("state", "cs_attributes", "rip", "expected"),
+    [
+        (ExecutionState.build(), 0x009B, 0xFFFF, 0x0001),  # real mode: IP wraps at 64 KiB
+        (ExecutionState.build(cr0_pe=True), 0xC09B, 0xFFFF_FFFF, 0x0000_0001),  # 32-bit code
+        (ExecutionState.build(cr0_pe=True), 0x009B, 0x1_FFFF, 0x0001),  # 16-bit protected-mode code
+        (ExecutionState.build(cr0_pe=True, efer_lma=True), 0xA09B, 0xFFFF_FFFF, 0x1_0000_0001),  # 64-bit code
+        (ExecutionState.build(cr0_pe=True, efer_lma=True), 0xC09B, 0xFFFF_FFFF, 0x0000_0001),  # compatibility mode
+    ],
+)
+def test_rip_advances_by_instruction_length_within_the_code_size(
+    state: ExecutionState, cs_attributes: int, rip: int, expected: int
+) -> None:
+    router = Router()
+    router.add(lambda access: None, 0x80, access="w")
+    cs = SegmentRegister(attributes=SegmentAttributes(cs_attributes))
+    [completion] = run(
+        Engine(router),
+        frame(0x80, write=True, rip=rip, instruction_length=2, execution_state=state, cs_segment=cs),
+    )
+    assert completion.rip == expected
+
+
+def test_unclaimed_reads_are_all_ones_and_writes_are_dropped_and_counted() -> None:
+    engine = Engine(Router())
+    read, write = run(engine, frame(0x2F8, 2, rax=0xAAAA_0000), frame(0x2F8, write=True))
+    assert read.status is Status.COMPLETED and read.rax == 0xAAAA_FFFF
+    assert write.status is Status.COMPLETED and write.registers == Registers.RIP
+    assert (engine.stats.unclaimed_reads, engine.stats.unclaimed_writes) == (1, 1)
+
+
+def test_an_access_straddling_claims_is_split_into_bytes_combined_little_endian() -> None:
+    router = Router()
+    calls: list[tuple[int, int]] = []
+
+    def low(access: PortAccess) -> int:
+        calls.append((access.port, access.size))
+        return 0x11
+
+    def high(access: PortAccess) -> int:
+        calls.append((access.port, access.size))
+        return 0x22
+
+    router.add(low, 0x100)
+    router.add(high, 0x101)
+    [completion] = run(Engine(router), frame(0x100, 4))
+    assert calls == [(0x100, 1), (0x101, 1)]
+    assert completion.rax == 0xFFFF_2211  # ports 0x102 and 0x103 are unclaimed
+
+
+def test_a_write_wider_than_max_size_arrives_as_bytes() -> None:
+    router = Router()
+    seen: list[tuple[int, int, int]] = []
+    router.add(lambda a: seen.append((a.port, a.size, a.value)), 0x3F8, 8, max_size=1)
+    run(Engine(router), frame(0x3F9, 2, write=True, rax=0xBEEF))
+    assert seen == [(0x3F9, 1, 0xEF), (0x3FA, 1, 0xBE)]
+
+
+def test_an_access_partly_past_its_claim_is_split() -> None:
+    router = Router()
+    router.add(lambda a: 0x5A, 0xFFFE, 2)
+    [completion] = run(Engine(router), frame(0xFFFF, 4, rax=0))
+    assert completion.rax == 0xFFFF_FF5A  # ports past 0xFFFF are never claimed
+
+
+def test_a_failing_handler_gives_exactly_one_completion_with_all_ones(caplog: pytest.LogCaptureFixture) -> None:
+    router = Router()
+
+    def broken(access: PortAccess) -> int:
+        raise RuntimeError("device on fire")
+
+    router.add(broken, 0x64)
+    router.add(lambda a: 7, 0x60)
+    engine = Engine(router)
+    with caplog.at_level(logging.ERROR, logger="dispatcher"):
+        failed, written, fine = run(
+            engine, frame(0x64, rax=0x1200, vp=1), frame(0x64, write=True, vp=2), frame(0x60, vp=3)
+        )
+    assert (failed.vp_index, failed.status, failed.rax) == (1, Status.HANDLER_FAILED, 0x12FF)
+    assert (written.vp_index, written.status, written.registers) == (2, Status.HANDLER_FAILED, Registers.RIP)
+    assert (fine.vp_index, fine.status, fine.rax) == (3, Status.COMPLETED, 7)
+    assert "port 0x64" in caplog.text and "VP 1" in caplog.text and "device on fire" in caplog.text
+    assert engine.stats.handler_failed == 2
+
+
+def test_a_read_handler_returning_none_is_a_handler_failure() -> None:
+    router = Router()
+    router.add(lambda a: None, 0x61)
+    [completion] = run(Engine(router), frame(0x61))
+    assert completion.status is Status.HANDLER_FAILED and completion.rax == 0xFF
+
+
+def test_a_synchronous_handler_past_its_deadline_has_its_result_discarded() -> None:
+    ticks = itertools.count(0, 5)  # every clock read is 5 s later than the last
+    router = Router()
+    router.add(lambda a: 0x42, 0x70)
+    engine = Engine(router, deadline=1.0, clock=lambda: float(next(ticks)))
+    [completion] = run(engine, frame(0x70))
+    assert completion.status is Status.DEADLINE_EXCEEDED and completion.rax == 0xFF
+    assert engine.stats.deadline_exceeded == 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "offset"),
+    [
+        (lambda f: f[:50], 50),
+        (lambda f: f[:4] + b"\xff" + f[5:], 4),
+        (lambda f: f[:21] + b"\x02" + f[22:], 21),
+        (lambda f: f[:58] + b"\x05" + f[59:], 58),
+    ],
+)
+def test_a_malformed_frame_gets_a_protocol_error_naming_the_offset(mutate: object, offset: int) -> None:
+    engine = Engine(Router())
+    bad = mutate(frame(0x60, vp=9))  # type: ignore[operator]
+    completion, next_one = run(engine, bad, frame(0x60, vp=10))
+    assert next_one.vp_index == 10 and next_one.status is Status.COMPLETED  # the stream goes on
+    assert completion.status is Status.PROTOCOL_ERROR and completion.detail == offset
+    assert completion.vp_index == 9 and completion.registers == Registers.NONE
+    assert engine.stats.protocol_errors == 1 and engine.stats.intercepts == 1
+
+
+def test_a_string_access_without_guest_memory_is_unsupported_when_not_handled() -> None:
+    # String I/O needs guest memory; an engine built without it must say so, not guess.
+    message = IoPortInterceptMessage(port_number=0x1F0, access_info=AccessInfo.build(2, string_op=True),
+                                     instruction_bytes=b"\x6d", rax=0, rip=0x100)
+    out, _ = Engine(Router()).receive([message.to_bytes()])
+    completion = decode_completion(out[0])
+    assert completion.status in (Status.UNSUPPORTED, Status.MEMORY_ERROR)
+    assert not completion.registers & Registers.RIP
+
+
+frames_strategy = st.lists(
+    st.tuples(
+        st.integers(0x0FE, 0x106), st.sampled_from([1, 2, 4]), st.booleans(), st.integers(0, 2**64 - 1),
+        st.integers(0, 3),
+    ),
+    max_size=20,
+)
+
+
+@given(frames_strategy)
+def test_inline_fast_path_matches_the_general_path(accesses: list[tuple[int, int, bool, int, int]]) -> None:
+    """Both paths of the engine must produce identical completions for the same frames."""
+
+    def make_router() -> Router:
+        router = Router()
+        state = {"latch": 0}
+
+        def latch(access: PortAccess) -> int | None:
+            if access.is_write:
+                state["latch"] = access.value
+                return None
+            return state["latch"] + access.offset
+
+        router.add(latch, 0x100, 4)
+        router.add(lambda a: 0xAB, 0x104, access="r")
+        router.add(lambda a: 0xCD, 0x105, 2, max_size=1)
+        return router
+
+    frames = [frame(p, s, write=w, rax=r, vp=v) for p, s, w, r, v in accesses]
+    fast, _ = Engine(make_router()).receive(frames)
+    general_engine = Engine(make_router())
+    general: list[bytes] = []
+    for f in frames:
+        general_engine._process(f, general)
+    assert fast == general
