@@ -1,0 +1,86 @@
+"""Tiny x86 test guests (nasm sources with their assembled flat binaries).
+
+Every guest is a flat binary loaded at guest-physical ``LOAD_ADDRESS``
+(0x7C00) and entered in real mode at CS:IP = 0000:7C00, like a boot sector;
+``transports.kvm.boot.boot_flat_image`` does exactly that. Guests that need
+protected or long mode switch to it themselves. Each ``.asm`` file documents
+the ports it uses at its top.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from importlib import resources
+from typing import Final
+
+__all__ = [
+    "ECHO_PORT",
+    "EXIT_PASS",
+    "EXIT_PORT",
+    "GUESTS",
+    "LOAD_ADDRESS",
+    "NOWHERE_PORT",
+    "OUT_LOOP_COUNT_OFFSET",
+    "GuestInfo",
+    "guest_bytes",
+    "guest_source",
+    "out_loop_image",
+]
+
+LOAD_ADDRESS: Final = 0x7C00
+EXIT_PORT: Final = 0x501  # isa-debug-exit: the guest writes its status byte, then halts
+EXIT_PASS: Final = 0x00
+ECHO_PORT: Final = 0xE0  # 4-byte echo latch at 0xE0-0xE3 (QEMU pc-testdev compatible)
+NOWHERE_PORT: Final = 0xEC  # no device: the io_* guests expect all-ones reads
+UART_BASE: Final = 0x3F8
+OUT_LOOP_COUNT_OFFSET: Final = 4  # u32 N inside out_loop.bin
+
+
+@dataclass(frozen=True, slots=True)
+class GuestInfo:
+    """What a guest is and how a test knows it succeeded."""
+
+    name: str
+    mode: str  # the CPU mode its interesting code runs in
+    description: str
+    checks: int = 0  # checks run by a self-checking guest (its final echo-latch value)
+
+
+GUESTS: Final[dict[str, GuestInfo]] = {
+    info.name: info
+    for info in (
+        GuestInfo(
+            "hello_real",
+            "real",
+            "prints 'Hello from the guest\\n' on a 16550 at 0x3F8, loops 'Loop' back, exits with 0 on match",
+        ),
+        GuestInfo("io_prot32", "protected32", "IN/OUT/INS/OUTS self-checks in 32-bit protected mode", checks=21),
+        GuestInfo("io_long64", "long64", "IN/OUT/INS/OUTS self-checks in 64-bit long mode", checks=22),
+        GuestInfo("out_loop", "protected32", "out 0x80, al N times (N at image offset 4), then exit 0"),
+        GuestInfo("io_probe", "all", "I/O cases in real, 32-bit and 64-bit mode for transports.kvm.probe"),
+    )
+}
+
+
+def guest_bytes(name: str) -> bytes:
+    """The committed flat binary of guest ``name``."""
+    if name not in GUESTS:
+        raise KeyError(f"unknown guest {name!r}; known: {', '.join(sorted(GUESTS))}")
+    return resources.files(__name__).joinpath(f"{name}.bin").read_bytes()
+
+
+def guest_source(name: str) -> str:
+    """The nasm source of guest ``name``."""
+    if name not in GUESTS:
+        raise KeyError(f"unknown guest {name!r}; known: {', '.join(sorted(GUESTS))}")
+    return resources.files(__name__).joinpath(f"{name}.asm").read_text()
+
+
+def out_loop_image(count: int) -> bytes:
+    """``out_loop`` patched to execute ``count`` OUTs (1 <= count < 2**32)."""
+    if not 1 <= count < 2**32:
+        raise ValueError(f"count {count} out of range 1..2**32-1")
+    image = bytearray(guest_bytes("out_loop"))
+    struct.pack_into("<I", image, OUT_LOOP_COUNT_OFFSET, count)
+    return bytes(image)

@@ -1,0 +1,58 @@
+"""Pure-Python KVM backend: a VM, vCPUs and their exits (x86-64 hosts)."""
+
+from __future__ import annotations
+
+from .boot import DEFAULT_RAM_SIZE, LOAD_ADDRESS, boot_flat_image, reset_to_real_mode
+from .exits import (
+    FailEntryExit,
+    HltExit,
+    InternalErrorExit,
+    InterruptedExit,
+    IoDirection,
+    IoExit,
+    IrqWindowOpenExit,
+    MmioExit,
+    OtherExit,
+    ShutdownExit,
+    SystemEventExit,
+    VcpuExit,
+)
+from .vm import (
+    KICK_SIGNAL,
+    PAGE_SIZE,
+    KvmError,
+    KvmUnavailableError,
+    MemoryRegion,
+    Vcpu,
+    Vm,
+    install_kick_handler,
+    kvm_available,
+)
+
+__all__ = [
+    "DEFAULT_RAM_SIZE",
+    "KICK_SIGNAL",
+    "LOAD_ADDRESS",
+    "PAGE_SIZE",
+    "FailEntryExit",
+    "HltExit",
+    "InternalErrorExit",
+    "InterruptedExit",
+    "IoDirection",
+    "IoExit",
+    "IrqWindowOpenExit",
+    "KvmError",
+    "KvmUnavailableError",
+    "MemoryRegion",
+    "MmioExit",
+    "OtherExit",
+    "ShutdownExit",
+    "SystemEventExit",
+    "Vcpu",
+    "VcpuExit",
+    "Vm",
+    "boot_flat_image",
+    "install_kick_handler",
+    "kvm_available",
+    "reset_to_real_mode",
+]
