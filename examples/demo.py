@@ -21,7 +21,7 @@ from .uart import Uart16550
 __all__ = ["run_demo", "main"]
 
 COM1 = 0x3F8
-THR, IER, LCR, MCR, LSR = COM1, COM1 + 1, COM1 + 3, COM1 + 4, COM1 + 5
+THR, IER, FCR, LCR, MCR, LSR = COM1, COM1 + 1, COM1 + 2, COM1 + 3, COM1 + 4, COM1 + 5
 
 
 async def guest_print(vp: FakeVP, text: bytes) -> None:
@@ -44,6 +44,7 @@ async def run_demo(echo: Callable[[str], object] = print) -> int:
         await vp.outb(LCR, 0x80)  # DLAB on: program 115200 baud
         await vp.outw(COM1, 0x0001)  # DLL, DLM in one 16-bit OUT, split into two byte accesses
         await vp.outb(LCR, 0x03)  # 8N1, DLAB off
+        await vp.outb(FCR, 0x07)  # enable and clear the 16-byte FIFOs
         await guest_print(vp, b"Hello from the guest, through intercept-dispatch!\r\n")
         echo(f"serial output: {serial.decode().strip()}")
 
