@@ -22,6 +22,8 @@ __all__ = [
     "LOAD_ADDRESS",
     "NOWHERE_PORT",
     "OUT_LOOP_COUNT_OFFSET",
+    "ROM_CHECK_ADDRESS",
+    "ROM_CHECK_IMAGE",
     "GuestInfo",
     "guest_bytes",
     "guest_source",
@@ -35,6 +37,8 @@ ECHO_PORT: Final = 0xE0  # 4-byte echo latch at 0xE0-0xE3 (QEMU pc-testdev compa
 NOWHERE_PORT: Final = 0xEC  # no device: the io_* guests expect all-ones reads
 UART_BASE: Final = 0x3F8
 OUT_LOOP_COUNT_OFFSET: Final = 4  # u32 N inside out_loop.bin
+ROM_CHECK_ADDRESS: Final = 0xF0000
+ROM_CHECK_IMAGE: Final = bytes([0xB3, 0x42, 0xCB]).ljust(0x10, b"\x00") + b"\xaa"  # what rom_check.asm expects
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,8 @@ GUESTS: Final[dict[str, GuestInfo]] = {
         GuestInfo("io_long64", "long64", "IN/OUT/INS/OUTS self-checks in 64-bit long mode", checks=22),
         GuestInfo("out_loop", "protected32", "out 0x80, al N times (N at image offset 4), then exit 0"),
         GuestInfo("io_probe", "all", "I/O cases in real, 32-bit and 64-bit mode for transports.kvm.probe"),
+        GuestInfo("rom_check", "real", "far-calls code in a ROM slot at 0xF0000 and tries to overwrite a ROM byte"),
+        GuestInfo("irq_real", "real", "takes vector 0x20 injected with KVM_INTERRUPT, reports it on port 0xE0"),
     )
 }
 

@@ -183,6 +183,19 @@ def kvm_cpuid2_type(nent: int) -> type[ctypes.Structure]:
     return KvmCpuid2
 
 
+class KvmTranslation(ctypes.Structure):
+    """``struct kvm_translation`` (24 bytes) for KVM_TRANSLATE."""
+
+    _fields_ = [
+        ("linear_address", ctypes.c_uint64),
+        ("physical_address", ctypes.c_uint64),
+        ("valid", ctypes.c_uint8),
+        ("writeable", ctypes.c_uint8),
+        ("usermode", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 5),
+    ]
+
+
 class KvmInterrupt(ctypes.Structure):
     """``struct kvm_interrupt`` (4 bytes)."""
 
@@ -320,6 +333,7 @@ KVM_GET_REGS: Final = _ior(0x81, ctypes.sizeof(KvmRegs))
 KVM_SET_REGS: Final = _iow(0x82, ctypes.sizeof(KvmRegs))
 KVM_GET_SREGS: Final = _ior(0x83, ctypes.sizeof(KvmSregs))
 KVM_SET_SREGS: Final = _iow(0x84, ctypes.sizeof(KvmSregs))
+KVM_TRANSLATE: Final = _iowr(0x85, ctypes.sizeof(KvmTranslation))
 KVM_INTERRUPT: Final = _iow(0x86, ctypes.sizeof(KvmInterrupt))
 KVM_SET_CPUID2: Final = _iow(0x90, ctypes.sizeof(KvmCpuid2Header))
 

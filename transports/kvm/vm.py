@@ -469,6 +469,22 @@ class Vcpu:
         start = exit.data_offset
         self._run_map[start : start + expected] = data
 
+    def complete_mmio_read(self, data: bytes) -> None:
+        """Supply the bytes a guest MMIO read (``MmioExit`` with ``is_write`` False) returns."""
+        if len(data) > 8:
+            raise ValueError("an MMIO exit carries at most 8 bytes")
+        mmio = self.kvm_run.mmio
+        for i, byte in enumerate(data):
+            mmio.data[i] = byte
+
+    # --- address translation ---
+
+    def translate(self, linear_address: int) -> int | None:
+        """Guest-physical address for ``linear_address`` under the current paging, or None if unmapped."""
+        tr = _abi.KvmTranslation(linear_address=linear_address)
+        fcntl.ioctl(self._fd, _abi.KVM_TRANSLATE, tr)
+        return int(tr.physical_address) if tr.valid else None
+
     # --- interrupts ---
 
     @property
