@@ -14,7 +14,7 @@ from typing import NamedTuple
 from .errors import FieldValueError
 from .message import HEADER, HEADER_SIZE, MAX_PAYLOAD, check_header
 
-__all__ = ["ANNOUNCEMENT", "PortRange", "encode_announcement", "decode_announcement"]
+__all__ = ["ANNOUNCEMENT", "PortRange", "decode_announcement", "encode_announcement"]
 
 ANNOUNCEMENT = 0x1D00_0002
 _HEAD = struct.Struct("<I4BQ" "BBHI")

@@ -17,9 +17,9 @@ __all__ = [
     "COMPLETION",
     "PROTOCOL_VERSION",
     "UNKNOWN_VP",
-    "Status",
-    "Registers",
     "Completion",
+    "Registers",
+    "Status",
     "decode_completion",
 ]
 

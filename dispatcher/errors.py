@@ -4,14 +4,15 @@ from __future__ import annotations
 
 __all__ = [
     "DispatchError",
-    "FrameError",
-    "ShortFrameError",
-    "UnknownMessageTypeError",
     "FieldValueError",
-    "RoutingError",
+    "FrameError",
+    "GuestMemoryError",
     "OverlappingClaimError",
-    "TransportError",
+    "RoutingError",
+    "ShortFrameError",
     "TransportClosedError",
+    "TransportError",
+    "UnknownMessageTypeError",
 ]
 
 
@@ -62,3 +63,12 @@ class TransportError(DispatchError):
 
 class TransportClosedError(TransportError):
     """The other end of the transport has gone away."""
+
+
+class GuestMemoryError(DispatchError):
+    """A guest-physical access that no region backs (or a write to a read-only one); nothing was touched."""
+
+    def __init__(self, reason: str, *, address: int, length: int) -> None:
+        super().__init__(f"guest-physical {address:#x}+{length:#x}: {reason}")
+        self.address = address
+        self.length = length

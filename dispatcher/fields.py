@@ -11,11 +11,11 @@ import enum
 from typing import NamedTuple
 
 __all__ = [
+    "AccessInfo",
     "AccessType",
     "ExecutionState",
     "SegmentAttributes",
     "SegmentRegister",
-    "AccessInfo",
 ]
 
 

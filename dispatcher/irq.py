@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
-__all__ = ["IrqReceiver", "IrqLine", "IrqRecorder", "IrqEvent", "NO_RECEIVER"]
+__all__ = ["NO_RECEIVER", "IrqEvent", "IrqLine", "IrqReceiver", "IrqRecorder"]
 
 
 class IrqReceiver(Protocol):
@@ -35,7 +35,7 @@ NO_RECEIVER: IrqReceiver = _NoReceiver()
 class IrqLine:
     """One interrupt line, numbered for its receiver and named for people."""
 
-    __slots__ = ("receiver", "line", "name", "_level")
+    __slots__ = ("_level", "line", "name", "receiver")
 
     def __init__(self, receiver: IrqReceiver = NO_RECEIVER, line: int = 0, name: str = "") -> None:
         self.receiver = receiver

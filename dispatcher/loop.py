@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from typing import cast
 
 import anyio
 import anyio.abc
@@ -69,7 +70,7 @@ class Dispatcher:
                             if claim is None:
                                 results.append(None)
                             elif claim.is_async:
-                                results.append(await claim.handler(step.access))  # type: ignore[misc]
+                                results.append(await cast(Awaitable[int | None], claim.handler(step.access)))
                             else:
                                 results.append(claim.handler(step.access))
                     except Exception as exc:

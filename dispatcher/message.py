@@ -21,14 +21,14 @@ from .errors import FieldValueError, ShortFrameError, UnknownMessageTypeError
 from .fields import AccessInfo, AccessType, ExecutionState, SegmentAttributes, SegmentRegister
 
 __all__ = [
-    "IO_PORT_INTERCEPT",
     "HEADER_SIZE",
+    "IO_PORT_INTERCEPT",
+    "IO_PORT_PAYLOAD_SIZE",
     "MAX_PAYLOAD",
     "SLOT_SIZE",
-    "IO_PORT_PAYLOAD_SIZE",
     "IoPortInterceptMessage",
-    "decode_message",
     "check_header",
+    "decode_message",
 ]
 
 IO_PORT_INTERCEPT = 0x8001_0000
@@ -104,7 +104,7 @@ def check_header(data: bytes | bytearray | memoryview, message_type: int, known:
             offset=SLOT_SIZE,
             value=n,
         )
-    return payload_size
+    return int(payload_size)
 
 
 def check_io_payload(access_type: int, access_info: int, instruction_byte_count: int) -> None:

@@ -12,12 +12,12 @@ import enum
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar, Union
+from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 from .announce import PortRange
 from .errors import OverlappingClaimError, RoutingError
 
-__all__ = ["Access", "PortAccess", "Handler", "Claim", "Router", "on_port", "PORT_LIMIT"]
+__all__ = ["PORT_LIMIT", "Access", "Claim", "Handler", "PortAccess", "Router", "on_port"]
 
 # An access at port 0xFFFF of size 4 reaches three ports past it; the tables
 # cover them so lookups need no bounds check. They are never claimable.
@@ -50,8 +50,8 @@ class PortAccess(NamedTuple):
     partition: int
 
 
-HandlerResult = Union[int, None, Awaitable[Union[int, None]]]
-Handler = Callable[[PortAccess], HandlerResult]
+HandlerResult: TypeAlias = int | Awaitable[int | None] | None
+Handler: TypeAlias = Callable[[PortAccess], HandlerResult]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -117,9 +117,9 @@ def _max_size(max_size: int) -> int:
 
 
 def _is_async(handler: Callable[..., Any]) -> bool:
-    target = getattr(handler, "__call__", None)
+    # An object whose __call__ is a coroutine function is awaited too.
     return inspect.iscoroutinefunction(handler) or (
-        not inspect.isroutine(handler) and target is not None and inspect.iscoroutinefunction(target)
+        not inspect.isroutine(handler) and inspect.iscoroutinefunction(type(handler).__call__)
     )
 
 
@@ -159,7 +159,7 @@ class Router:
         """
         direction = _access(access)
         last = port + count - 1
-        if count < 1 or not 0 <= port or last >= PORT_LIMIT:
+        if count < 1 or port < 0 or last >= PORT_LIMIT:
             raise RoutingError(f"ports {port:#x}+{count} are outside 0x0000..0xffff")
         claim = Claim(port, last, direction, handler, _is_async(handler), _max_size(max_size))
         tables = [t for flag, t in ((Access.READ, self._read), (Access.WRITE, self._write)) if direction & flag]

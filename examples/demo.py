@@ -18,7 +18,7 @@ from transports.testing import CpuMode, FakePartition, FakeVP
 
 from .uart import Uart16550
 
-__all__ = ["run_demo", "main"]
+__all__ = ["main", "run_demo"]
 
 COM1 = 0x3F8
 THR, IER, FCR, LCR, MCR, LSR = COM1, COM1 + 1, COM1 + 2, COM1 + 3, COM1 + 4, COM1 + 5

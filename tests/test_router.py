@@ -38,7 +38,7 @@ def test_read_only_and_write_only_claims_share_a_port() -> None:
 def test_overlapping_claim_is_refused_and_names_both() -> None:
     router = Router()
     router.add(reader, 0x70, 2)
-    with pytest.raises(OverlappingClaimError, match="0x71.*0x70..0x71"):
+    with pytest.raises(OverlappingClaimError, match=r"0x71.*0x70\.\.0x71"):
         router.add(reader, 0x71, 4, access="r")
     assert router.lookup(0x72, write=False) is None  # nothing of the refused claim was installed
 

@@ -26,8 +26,8 @@ from dispatcher import (
     AccessInfo,
     AccessType,
     Completion,
-    DispatchError,
     Dispatcher,
+    DispatchError,
     ExecutionState,
     IoPortInterceptMessage,
     Registers,
@@ -41,7 +41,7 @@ from dispatcher import (
 
 from .memory import memory_transport_pair
 
-__all__ = ["CpuMode", "CompletionError", "FakePartition", "FakeVP"]
+__all__ = ["CompletionError", "CpuMode", "FakePartition", "FakeVP"]
 
 
 class CpuMode(enum.Enum):
