@@ -1,7 +1,9 @@
 """The dispatch decisions, sans-I/O: intercept frames in, completion frames out.
 
 The :class:`Engine` decodes each frame, routes it through a :class:`Router`,
-runs synchronous handlers inline and returns the completion bytes. Work that
+runs synchronous handlers inline and returns the completion bytes. String
+I/O (INS/OUTS) moves a bounded chunk per intercept through guest memory
+(see :mod:`dispatcher.string_io`). Work that
 must be awaited (an async handler) comes back as a :class:`Job` for the I/O
 layer to run; the layer reports the outcome with :meth:`Engine.finish`. The
 engine keeps the per-VP order: while a VP has a job outstanding, its later
@@ -16,10 +18,11 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from .completion import COMPLETION, COMPLETION_SIZE, COMPLETION_STRUCT, PROTOCOL_VERSION, UNKNOWN_VP, Registers, Status
 from .errors import FrameError
+from .guest_memory import GuestMemory
 from .message import (
     HEADER_SIZE,
     IO_PORT_INTERCEPT,
@@ -30,9 +33,21 @@ from .message import (
     check_header,
     check_io_payload,
 )
-from .router import PORT_LIMIT, Claim, PortAccess, Router
+from .router import PORT_LIMIT, BulkAccess, BulkClaim, Claim, PortAccess, Router
+from .string_io import (
+    DEFAULT_MAX_ELEMENTS,
+    Refusal,
+    SegmentSource,
+    StringPlan,
+    Translate,
+    gather,
+    pack_elements,
+    plan_string,
+    scatter,
+    unpack_elements,
+)
 
-__all__ = ["Engine", "EngineStats", "Job", "Step"]
+__all__ = ["Engine", "EngineStats", "Job", "Step", "call_step"]
 
 log = logging.getLogger("dispatcher")
 
@@ -55,16 +70,29 @@ _RIP_RAX = int(Registers.RIP | Registers.RAX)
 
 
 class Step(NamedTuple):
-    """One handler call of an access (``claim`` is None for an unclaimed part)."""
+    """One handler call of an access (``claim`` is None for an unclaimed part).
 
-    claim: Claim | None
-    access: PortAccess
+    A string access's bulk handler gets a step of a BulkClaim and a BulkAccess.
+    """
+
+    claim: Claim | BulkClaim | None
+    access: PortAccess | BulkAccess
     shift: int
+
+
+def call_step(step: Step) -> object:
+    """Call a step's handler; for an async handler, the result is the awaitable to await."""
+    claim = step.claim
+    # A step always pairs a claim with the access type its handler takes.
+    return None if claim is None else cast("Callable[[object], object]", claim.handler)(step.access)
 
 
 @dataclass(slots=True, eq=False)
 class Job:
-    """An intercept whose handlers must be awaited. ``steps`` run in order."""
+    """An intercept whose handlers must be awaited. ``steps`` run in order.
+
+    For string I/O, ``string`` is the chunk's plan.
+    """
 
     key: int
     steps: list[Step]
@@ -75,6 +103,7 @@ class Job:
     is_write: bool
     rax: int
     next_rip: int
+    string: StringPlan | None = None
 
 
 class EngineStats:
@@ -87,6 +116,7 @@ class EngineStats:
     __slots__ = (
         "deadline_exceeded",
         "handler_failed",
+        "memory_errors",
         "port_counts",
         "protocol_errors",
         "unclaimed_reads",
@@ -100,6 +130,7 @@ class EngineStats:
         self.deadline_exceeded = 0
         self.protocol_errors = 0
         self.unsupported = 0
+        self.memory_errors = 0
         self.unclaimed_reads = 0
         self.unclaimed_writes = 0
 
@@ -111,7 +142,8 @@ class EngineStats:
     @property
     def completed(self) -> int:
         """Intercepts completed with status COMPLETED."""
-        return self.intercepts - self.handler_failed - self.deadline_exceeded - self.unsupported
+        return (self.intercepts - self.handler_failed - self.deadline_exceeded - self.unsupported
+                - self.memory_errors)
 
     @property
     def per_port(self) -> Counter[int]:
@@ -135,19 +167,34 @@ class Engine:
     cannot be interrupted, so one that returns after the deadline has its
     result discarded; an async one is cancelled by the I/O layer. Either way
     the VP gets a DEADLINE_EXCEEDED completion.
+
+    ``memory`` is the guest memory string I/O reads and writes (without it a
+    string access gets UNSUPPORTED); ``max_elements`` bounds the elements one
+    intercept moves; ``translate`` and ``segments`` are the hooks described
+    in :mod:`dispatcher.string_io`.
     """
 
     def __init__(
         self,
         router: Router,
         *,
-        deadline: float | None = 1.0,
+        deadline: float | None = 5.0,
         clock: Callable[[], float] = time.perf_counter,
         stats: EngineStats | None = None,
+        memory: GuestMemory | None = None,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+        translate: Translate | None = None,
+        segments: SegmentSource | None = None,
     ) -> None:
+        if max_elements < 1:
+            raise ValueError(f"max_elements must be at least 1, not {max_elements}")
         self.router = router
         self.deadline = deadline
         self.stats = stats if stats is not None else EngineStats()
+        self.memory = memory
+        self.max_elements = max_elements
+        self.translate = translate
+        self.segments = segments
         self._clock = clock
         self._waiting: dict[int, deque[bytes]] = {}
 
@@ -250,7 +297,9 @@ class Engine:
         unclaimed steps) when ``status`` is COMPLETED.
         """
         out: list[bytes] = []
-        if status is Status.COMPLETED and results is not None:
+        if job.string is not None:
+            out.append(self._finish_string(job.string, job.steps, results or [], status, error))
+        elif status is Status.COMPLETED and results is not None:
             out.append(self._complete(job.partition, job.vp_index, job.port, job.access_info, job.is_write,
                                       job.rax, job.next_rip, job.steps, results))
         else:
@@ -293,13 +342,10 @@ class Engine:
             if waiting is not None:
                 waiting.append(frame)
                 return None
+        if access_info & 0x08:
+            return self._string(frame, out, key)
         stats.port_counts[port] += 1
         next_rip = _next_rip(rip, length_cr8 & 0xF, state, cs_attributes)
-        if access_info & 0x08:
-            stats.unsupported += 1
-            out.append(_pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, Status.UNSUPPORTED,
-                             0, rip, rax, 0, 0, 0, port, access_info, 0, 0))
-            return None
         size = access_info & 7
         is_write = access_type == 1
         claim = (self.router.write_table if is_write else self.router.read_table)[port]
@@ -316,7 +362,7 @@ class Engine:
         started = clock()
         try:
             for step in steps:
-                results.append(None if step.claim is None else step.claim.handler(step.access))
+                results.append(call_step(step))
         except Exception as error:
             out.append(self._fail(partition, vp, port, access_info, is_write, rax, next_rip,
                                   Status.HANDLER_FAILED, error, steps))
@@ -371,6 +417,16 @@ class Engine:
               status: Status, error: BaseException | None, steps: list[Step]) -> bytes:
         # The instruction still completes, as on hardware with a dead device:
         # a read gets all ones, a write is dropped.
+        self._note_failure(partition, vp, port, access_info, is_write, status, error, steps)
+        size = access_info & 7
+        if is_write:
+            return _pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, status, _RIP, next_rip,
+                         rax, 0, 0, 0, port, access_info, 0, 0)
+        return _pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, status, _RIP_RAX, next_rip,
+                     (rax & _KEEP[size]) | _MASK[size], 0, 0, 0, port, access_info, 0, 0)
+
+    def _note_failure(self, partition: int, vp: int, port: int, access_info: int, is_write: bool, status: Status,
+                      error: BaseException | None, steps: list[Step]) -> None:
         stats = self.stats
         if status is Status.DEADLINE_EXCEEDED:
             stats.deadline_exceeded += 1
@@ -383,12 +439,83 @@ class Engine:
             port, "write" if is_write else "read", access_info & 7, names, partition, vp,
             exc_info=error,
         )
-        size = access_info & 7
-        if is_write:
-            return _pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, status, _RIP, next_rip,
-                         rax, 0, 0, 0, port, access_info, 0, 0)
-        return _pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, status, _RIP_RAX, next_rip,
-                     (rax & _KEEP[size]) | _MASK[size], 0, 0, 0, port, access_info, 0, 0)
+
+    def _string(self, frame: bytes, out: list[bytes], key: int) -> Job | None:
+        # String I/O: plan the chunk, then call the port's bulk handler once or
+        # its handler per element; async handlers make a Job.
+        plan = plan_string(frame, self.memory, self.max_elements, self.translate, self.segments)
+        stats = self.stats
+        if isinstance(plan, Refusal):
+            if plan.status is Status.PROTOCOL_ERROR:
+                stats.protocol_errors += 1
+            else:
+                stats.port_counts[plan.port] += 1
+                if plan.status is Status.UNSUPPORTED:
+                    stats.unsupported += 1
+                else:
+                    stats.memory_errors += 1
+            log.warning("string access to port %#x by partition %d, VP %d: %s: %s", plan.port, plan.partition,
+                        plan.vp_index, plan.status.name, plan.reason)
+            out.append(plan.completion)
+            return None
+        port, is_write, size, count, vp, partition = (plan.port, plan.is_write, plan.size, plan.count, plan.vp_index,
+                                                      plan.partition)
+        stats.port_counts[port] += 1
+        if not count:
+            out.append(plan.completion())
+            return None
+        router = self.router
+        claim = (router.write_table if is_write else router.read_table)[port]
+        bulk = (router.bulk_write_table if is_write else router.bulk_read_table).get(port)
+        data = gather(plan) if is_write else b""
+        template: list[Step]
+        if bulk is not None and claim is not None:
+            template = [Step(bulk, BulkAccess(port, size, count, is_write, data, port - bulk.first, vp, partition), 0)]
+        elif claim is not None and claim.last >= port + size - 1 and size <= claim.max_size:
+            template = [Step(claim, PortAccess(port, size, is_write, 0, port - claim.first, vp, partition), 0)]
+        else:
+            template = self._split(port, size, is_write, 0, vp, partition)
+        if any(step.claim is not None and step.claim.is_async for step in template):
+            self._waiting[key] = deque()
+            steps = template if bulk is not None else _element_steps(template, count, data, size)
+            return Job(key, steps, partition, vp, port, plan.access_info, is_write, plan.rax, plan.rip, plan)
+        results: list[object] = []
+        status, error = Status.COMPLETED, None
+        started = self._clock()
+        try:
+            _run_elements(template, count, data, size, results)
+        except Exception as exc:
+            status, error = Status.HANDLER_FAILED, exc
+        if status is Status.COMPLETED and self.deadline is not None and self._clock() - started > self.deadline:
+            status = Status.DEADLINE_EXCEEDED
+        out.append(self._finish_string(plan, template, results, status, error))
+        return None
+
+    def _finish_string(self, plan: StringPlan, steps: list[Step], results: list[object], status: Status,
+                       error: BaseException | None) -> bytes:
+        # A handler that fails leaves the elements before it as they came; the
+        # rest read all ones (or are dropped), as do all after a deadline, whose
+        # results are discarded. Either way the chunk completes.
+        stats = self.stats
+        size, count = plan.size, plan.count
+        first = steps[0]
+        per_element = 0 if isinstance(first.claim, BulkClaim) else len(steps) // count
+        unclaimed = count * sum(step.claim is None for step in steps[:per_element])
+        if plan.is_write:
+            stats.unclaimed_writes += unclaimed
+        else:
+            stats.unclaimed_reads += unclaimed
+            data = b""
+            if status is not Status.DEADLINE_EXCEEDED:
+                try:
+                    data = _read_data(steps[:per_element] or steps, results, size, count, status)
+                except (TypeError, ValueError) as exc:
+                    status, error = Status.HANDLER_FAILED, exc
+            scatter(plan, data + b"\xff" * (count * size - len(data)))
+        if status is not Status.COMPLETED:
+            self._note_failure(plan.partition, plan.vp_index, plan.port, plan.access_info, plan.is_write, status,
+                               error, steps[:1] if per_element == 0 else steps[:per_element])
+        return plan.completion(status)
 
     def _reject(self, frame: bytes, out: list[bytes]) -> None:
         """Answer a malformed frame with a PROTOCOL_ERROR completion naming the bad offset."""
@@ -410,3 +537,70 @@ def first_error(frame: bytes) -> FrameError | None:
     except FrameError as error:
         return error
     return None
+
+
+def _element_steps(template: list[Step], count: int, data: bytes, size: int) -> list[Step]:
+    # One element's steps repeated for each element; an OUTS element's value
+    # goes to its steps (shifted where the access was split into bytes).
+    if not template[0].access.is_write:
+        return template * count
+    return [
+        Step(step.claim, cast(PortAccess, step.access)._replace(value=value >> step.shift & _MASK[step.access.size]),
+             step.shift)
+        for value in unpack_elements(data, size)
+        for step in template
+    ]
+
+
+def _run_elements(template: list[Step], count: int, data: bytes, size: int, results: list[object]) -> None:
+    # Call the synchronous handlers of a string chunk, appending each result
+    # as it returns: if one raises, ``results`` holds the calls before it.
+    append = results.append
+    first = template[0]
+    claim = first.claim
+    if isinstance(claim, BulkClaim):
+        append(claim.handler(cast(BulkAccess, first.access)))
+    elif len(template) > 1:
+        for step in _element_steps(template, count, data, size):
+            append(call_step(step))
+    elif claim is None:
+        results.extend([None] * count)
+    elif first.access.is_write:
+        handler, new, port_access = claim.handler, tuple.__new__, PortAccess
+        port, _, _, _, offset, vp, partition = cast(PortAccess, first.access)
+        for value in unpack_elements(data, size):
+            append(handler(new(port_access, (port, size, True, value, offset, vp, partition))))
+    else:
+        handler, access = claim.handler, cast(PortAccess, first.access)
+        for _ in range(count):
+            append(handler(access))
+
+
+def _read_data(template: list[Step], results: list[object], size: int, count: int, status: Status) -> bytes:
+    # The bytes an INS chunk read, for the elements whose calls all returned.
+    first = template[0]
+    if isinstance(first.claim, BulkClaim):
+        if status is not Status.COMPLETED:
+            return b""
+        result = results[0]
+        if not isinstance(result, (bytes, bytearray, memoryview)):
+            raise TypeError(f"a bulk read handler returned {type(result).__name__}, not bytes")
+        data = bytes(result)
+        if len(data) != count * size:
+            raise ValueError(f"a bulk read handler returned {len(data)} bytes for {count} x {size}")
+        return data
+    if len(template) == 1:
+        return b"" if first.claim is None else pack_elements(results, size)
+    values: list[object] = []
+    for start in range(0, len(results) - len(template) + 1, len(template)):
+        value = 0
+        for step, result in zip(template, results[start : start + len(template)], strict=True):
+            mask = _MASK[step.access.size]
+            if step.claim is None:
+                value |= mask << step.shift
+            elif isinstance(result, int):
+                value |= (result & mask) << step.shift
+            else:
+                raise TypeError(f"a read handler returned {result!r}, not an int")
+        values.append(value)
+    return pack_elements(values, size)

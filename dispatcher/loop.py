@@ -28,7 +28,7 @@ class Dispatcher:
     shared across them.
     """
 
-    def __init__(self, router: Router, *, deadline: float | None = 1.0) -> None:
+    def __init__(self, router: Router, *, deadline: float | None = 5.0) -> None:
         self.router = router
         self.deadline = deadline
         self.stats = EngineStats()
