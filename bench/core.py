@@ -9,6 +9,7 @@ what the core's checks and semantics cost.
 
 from __future__ import annotations
 
+import statistics
 import struct
 import time
 from collections.abc import Callable
@@ -48,10 +49,17 @@ def make_frames(vps: int) -> list[bytes]:
     frames = []
     for vp in range(vps):
         for port, access in ((0x3FF, AccessType.WRITE), (0x3FD, AccessType.READ)):
-            frames.append(IoPortInterceptMessage(
-                port_number=port, access_type=access, access_info=AccessInfo.build(1), rax=0x41 + vp,
-                vp_index=vp, instruction_length=1, rip=0x1000,
-            ).to_bytes())
+            frames.append(
+                IoPortInterceptMessage(
+                    port_number=port,
+                    access_type=access,
+                    access_info=AccessInfo.build(1),
+                    rax=0x41 + vp,
+                    vp_index=vp,
+                    instruction_length=1,
+                    rip=0x1000,
+                ).to_bytes()
+            )
     return frames
 
 
@@ -68,50 +76,75 @@ def baseline(frames: list[bytes], handlers: dict[int, Callable[[PortAccess], int
         size = info & 7
         value = handler(new(PortAccess, (port, size, access == 1, rax & 0xFF, 0, vp, partition))) if handler else 0xFF
         buffer = bytearray(72)
-        _BASE_OUT.pack_into(buffer, 0, COMPLETION, 56, 0, 0, 0, partition, vp, 1, 0, 3, rip + (length & 0xF),
-                            (rax & ~0xFF) | (value or 0), 0, 0, 0, port, info, 0, 0)
+        _BASE_OUT.pack_into(
+            buffer,
+            0,
+            COMPLETION,
+            56,
+            0,
+            0,
+            0,
+            partition,
+            vp,
+            1,
+            0,
+            3,
+            rip + (length & 0xF),
+            (rax & ~0xFF) | (value or 0),
+            0,
+            0,
+            0,
+            port,
+            info,
+            0,
+            0,
+        )
         out.append(bytes(buffer))
     return out
 
 
-def rate(work: Callable[[], int], seconds: float) -> float:
-    """Best of several timed runs of ``work`` (which returns how many intercepts it did)."""
-    best = 0.0
+def median_rate(work: Callable[[], int], seconds: float) -> float:
+    """Median rate over short chunks of ``work`` (which returns how many intercepts it did).
+
+    This machine class stalls for 0.3-1.8 s about once a second; the median
+    of short chunks measures the code, not the stalls.
+    """
+    rates = []
     deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or best == 0.0:
+    while time.perf_counter() < deadline or len(rates) < 5:
         start = time.perf_counter()
         done = work()
-        best = max(best, done / (time.perf_counter() - start))
-    return best
+        rates.append(done / (time.perf_counter() - start))
+    return statistics.median(rates)
 
 
-async def _memory_rate(vps: int, rounds: int) -> float:
+async def _memory_rate(vps: int, seconds: float) -> float:
     router, _ = make_router()
     frames = make_frames(vps)
+    reads, writes = frames[1::2], frames[0::2]
     client, server = memory_transport_pair()
     dispatcher = Dispatcher(router)
-    async with anyio.create_task_group() as tg:
-        await tg.start(dispatcher.serve, server)
+    rounds = max(4, 200 // vps)  # short chunks: see median_rate
+
+    async def chunk() -> float:
         # Each VP has one intercept in flight at a time, as a real VP does.
-        reads, writes = frames[1::2], frames[0::2]
         start = time.perf_counter()
         for i in range(rounds):
             await client.send_batch(writes if i % 2 else reads)
             got = 0
             while got < vps:
                 got += len(await client.receive_batch())
-        elapsed = time.perf_counter() - start
+        return rounds * vps / (time.perf_counter() - start)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(dispatcher.serve, server)
+        rates = [await chunk()]
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(rates) < 5:
+            rates.append(await chunk())
         dispatcher.stop()
         await client.aclose()
-    return rounds * vps / elapsed
-
-
-def memory_rate(vps: int, backend: str, seconds: float) -> float:
-    rounds = max(200, int(60_000 * seconds / vps))
-    best = 0.0
-    for _ in range(3):
-        best = max(best, anyio.run(_memory_rate, vps, rounds, backend=backend))
-    return best
+    return statistics.median(rates)
 
 
 def run(quick: bool) -> dict[str, float]:
@@ -119,13 +152,13 @@ def run(quick: bool) -> dict[str, float]:
     router, handlers = make_router()
     frames = make_frames(64)
     engine = Engine(router)
-    core = rate(lambda: len(engine.receive(frames)[0]), seconds)
-    base = rate(lambda: len(baseline(frames, handlers)), seconds)
+    core = median_rate(lambda: len(engine.receive(frames)[0]), seconds)
+    base = median_rate(lambda: len(baseline(frames, handlers)), seconds)
     figures = {"core_per_s": core, "core_baseline_per_s": base, "core_ratio": core / base}
     print(f"core alone        {core:>12,.0f} /s   baseline {base:>12,.0f} /s   ratio {core / base:.2f}")
     for backend in ("asyncio", "trio"):
         for vps in (1, 64):
-            value = memory_rate(vps, backend, seconds)
+            value = anyio.run(_memory_rate, vps, seconds, backend=backend)
             key = f"memory_{vps}vp_per_s" if backend == "asyncio" else f"memory_{vps}vp_trio_per_s"
             figures[key] = value
             print(f"memory {backend:<7} {vps:>2} VP {value:>12,.0f} /s   vs core baseline {value / base:.2f}")
