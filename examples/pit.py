@@ -118,9 +118,11 @@ class Channel:
             if self.mode == 2:
                 value = n - e % n
             elif self.mode == 3:
-                # The element decrements by two through each half cycle.
+                # Each half cycle reloads N and counts down by two to 2; an odd N first
+                # drops by one in the high half and by three in the low half.
                 p, high = e % n, (n + 1) // 2
-                value = (n & ~1) - 2 * (p if p < high else p - high)
+                q = p if p < high else p - high
+                value = n if q == 0 else n - 2 * q + (0 if not n & 1 else 1 if p < high else -1)
             else:
                 value = n - e
             value %= self.modulus

@@ -228,7 +228,7 @@ async def test_next_due_wakes_exactly_on_the_edge(pit: Pit8254, clock: Clock, ir
 
 async def test_mode3_square_wave(fake_vp: FakeVP, clock: Clock) -> None:
     """82C54 datasheet, Mode 3 (Square Wave Mode): OUT is high for ceil(N/2) and low for floor(N/2) CLKs;
-    the count decrements by two."""
+    each half cycle reloads the count and decrements it by two (an odd count by one, then by three)."""
     await fake_vp.outb(PORT_B, 0x01)
     clock.at(0)
     await program(fake_vp, 2, 3, 9)
@@ -237,11 +237,32 @@ async def test_mode3_square_wave(fake_vp: FakeVP, clock: Clock) -> None:
         clock.at(tick)
         highs.append(await out2(fake_vp))
     assert highs == [True] * 5 + [False] * 4 + [True] * 5 + [False] * 4
-    await program(fake_vp, 2, 3, 10)
-    clock.at(19)
+    counts = []
+    for tick in range(19, 28):
+        clock.at(tick)
+        counts.append(await latched(fake_vp, 2))
+    assert counts == [9, 8, 6, 4, 2, 9, 6, 4, 2]  # odd N: down by one, then three, else by two
+    await program(fake_vp, 2, 3, 10)  # at tick 27: a control word, so loaded at once on the next CLK
+    clock.at(28)
     assert await latched(fake_vp, 2) == 10
-    clock.at(21)
+    clock.at(30)
     assert await latched(fake_vp, 2) == 6
+
+
+async def test_mode3_new_count_at_the_end_of_the_half_cycle(fake_vp: FakeVP, clock: Clock) -> None:
+    """82C54 datasheet, Mode 3: a new count written while counting is loaded at the end of the current half
+    cycle; here the high half of 10 ends and the low half of the new count 4 follows."""
+    await fake_vp.outb(PORT_B, 0x01)
+    clock.at(0)
+    await program(fake_vp, 2, 3, 10)
+    levels = []
+    for tick in range(1, 12):
+        clock.at(tick)
+        if tick == 3:
+            await fake_vp.outb(CH2, 4)
+            await fake_vp.outb(CH2, 0)
+        levels.append(await out2(fake_vp))
+    assert levels == [True] * 5 + [False] * 2 + [True] * 2 + [False] * 2
 
 
 async def test_mode2_and_3_gate_low_forces_out_high_and_reloads(fake_vp: FakeVP, clock: Clock) -> None:
