@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from dispatcher import IrqLine, PortAccess, on_port
 
@@ -59,7 +59,7 @@ IIR_LINE_STATUS, IIR_RX_DATA, IIR_RX_TIMEOUT, IIR_THRE, IIR_MODEM, IIR_NONE = 0x
 # IER bits
 ERBFI, ETBEI, ELSI, EDSSI = 0x01, 0x02, 0x04, 0x08
 # FCR bits
-FIFO_ENABLE, RX_RESET, TX_RESET = 0x01, 0x02, 0x04
+FIFO_ENABLE, RX_RESET = 0x01, 0x02  # bit 2, transmitter FIFO reset, has nothing to clear here
 TRIGGER_LEVELS = (1, 4, 8, 14)
 # MCR bits
 DTR, RTS, OUT1, OUT2, LOOP = 0x01, 0x02, 0x04, 0x08, 0x10
@@ -114,19 +114,18 @@ class Uart16550:
 
     def receive(self, data: bytes) -> None:
         """Queue bytes from the host for the guest to read."""
-        self.line.extend(data)
-        self._fill()
-        self._update_irq()
+        self._arrive(data)
 
     def receive_error(self, byte: int = 0, *, parity: bool = False, framing: bool = False) -> None:
         """Queue one character that arrives with a parity and/or framing error."""
-        self.line.append(byte & 0xFF | ((PE if parity else 0) | (FE if framing else 0)) << 8)
-        self._fill()
-        self._update_irq()
+        self._arrive([byte & 0xFF | ((PE if parity else 0) | (FE if framing else 0)) << 8])
 
     def receive_break(self) -> None:
         """Queue a break: it arrives as a zero character with BI and FE set."""
-        self.line.append((BI | FE) << 8)
+        self._arrive([(BI | FE) << 8])
+
+    def _arrive(self, entries: Iterable[int]) -> None:
+        self.line.extend(entries)
         self._fill()
         self._update_irq()
 
@@ -228,12 +227,8 @@ class Uart16550:
     def _fill(self) -> None:
         if self.source is not None and not self.line:
             self.line.extend(self.source())
-        moved = False
         while self.line and len(self.rx) < self._capacity():
             self._push(self.line.popleft())
-            moved = True
-        if moved:
-            self.rx_activity = self.clock()
 
     def _push(self, entry: int) -> None:
         """One character reaches the receiver; if it is full, that is an overrun."""
