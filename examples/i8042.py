@@ -27,7 +27,9 @@ The output buffer holds one byte; controller replies come first, then the
 keyboard's bytes, then the mouse's, each device only while its port is
 enabled (command byte bits 4 and 5). IRQ 1 is raised while the buffer holds
 keyboard data and command byte bit 0 is set; IRQ 12 likewise for mouse data
-and bit 1. Reading port 0x60 empties the buffer and lowers the line.
+and bit 1. Reading port 0x60 empties the buffer and lowers the line, so
+the next byte raises it again: an edge-triggered PIC sees one request per
+byte.
 
 Not modelled: scan code translation (command byte bit 6 is kept and read
 back, but :meth:`Ps2Keyboard.send` bytes reach the guest as given) and
@@ -289,6 +291,9 @@ class I8042:
             if self._buffer is not None:
                 self._last_read = self._buffer[0]
                 self._buffer = None
+                # The read deasserts the line before the next byte can assert it: one edge per byte.
+                self.irq.lower()
+                self.aux_irq.lower()
                 self._update()
             return self._last_read
         self.last_write_was_command = False
