@@ -12,6 +12,7 @@ from .errors import (
     DispatchError,
     FieldValueError,
     FrameError,
+    GuestMemoryError,
     OverlappingClaimError,
     RoutingError,
     ShortFrameError,
@@ -20,15 +21,19 @@ from .errors import (
     UnknownMessageTypeError,
 )
 from .fields import AccessInfo, AccessType, ExecutionState, SegmentAttributes, SegmentRegister
+from .guest_memory import BufferMemory, GuestMemory, MemoryFault, MemoryRegion
 from .irq import NO_RECEIVER, IrqEvent, IrqLine, IrqReceiver, IrqRecorder
 from .loop import Dispatcher
 from .message import IO_PORT_INTERCEPT, IoPortInterceptMessage, decode_message
-from .router import Access, Claim, Handler, PortAccess, Router, on_port
+from .router import Access, BulkAccess, BulkClaim, BulkHandler, Claim, Handler, PortAccess, Router, on_bulk, on_port
+from .string_decode import Segment, StringInstruction, decode_string_instruction
+from .string_io import DEFAULT_MAX_ELEMENTS, SegmentSource, Translate, UnsupportedReason, identity_translation
 from .transport import Transport
 
 __all__ = [
     "ANNOUNCEMENT",
     "COMPLETION",
+    "DEFAULT_MAX_ELEMENTS",
     "IO_PORT_INTERCEPT",
     "NO_RECEIVER",
     "PROTOCOL_VERSION",
@@ -36,6 +41,10 @@ __all__ = [
     "Access",
     "AccessInfo",
     "AccessType",
+    "BufferMemory",
+    "BulkAccess",
+    "BulkClaim",
+    "BulkHandler",
     "Claim",
     "Completion",
     "DispatchError",
@@ -45,6 +54,8 @@ __all__ = [
     "ExecutionState",
     "FieldValueError",
     "FrameError",
+    "GuestMemory",
+    "GuestMemoryError",
     "Handler",
     "IoPortInterceptMessage",
     "IrqEvent",
@@ -52,24 +63,34 @@ __all__ = [
     "IrqReceiver",
     "IrqRecorder",
     "Job",
+    "MemoryFault",
+    "MemoryRegion",
     "OverlappingClaimError",
     "PortAccess",
     "PortRange",
     "Registers",
     "Router",
     "RoutingError",
+    "Segment",
     "SegmentAttributes",
     "SegmentRegister",
+    "SegmentSource",
     "ShortFrameError",
     "Status",
     "Step",
+    "StringInstruction",
+    "Translate",
     "Transport",
     "TransportClosedError",
     "TransportError",
     "UnknownMessageTypeError",
+    "UnsupportedReason",
     "decode_announcement",
     "decode_completion",
     "decode_message",
+    "decode_string_instruction",
     "encode_announcement",
+    "identity_translation",
+    "on_bulk",
     "on_port",
 ]

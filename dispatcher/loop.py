@@ -10,9 +10,11 @@ import anyio
 import anyio.abc
 
 from .completion import Status
-from .engine import Engine, EngineStats, Job
+from .engine import Engine, EngineStats, Job, call_step
 from .errors import TransportError
+from .guest_memory import GuestMemory
 from .router import Router
+from .string_io import DEFAULT_MAX_ELEMENTS, SegmentSource, Translate
 from .transport import Transport
 
 __all__ = ["Dispatcher"]
@@ -26,11 +28,30 @@ class Dispatcher:
     Each :meth:`serve` call owns one connection: its own engine, so its VPs'
     ordering and failures never touch another connection. Statistics are
     shared across them.
+
+    String I/O uses the transport's ``guest_memory`` attribute when it has
+    one (guest memory shared over that connection), else ``memory``; the
+    other string I/O arguments are those of :class:`~dispatcher.engine.Engine`.
     """
 
-    def __init__(self, router: Router, *, deadline: float | None = 5.0) -> None:
+    def __init__(
+        self,
+        router: Router,
+        *,
+        deadline: float | None = 5.0,
+        memory: GuestMemory | None = None,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+        translate: Translate | None = None,
+        segments: SegmentSource | None = None,
+    ) -> None:
+        if max_elements < 1:
+            raise ValueError(f"max_elements must be at least 1, not {max_elements}")
         self.router = router
         self.deadline = deadline
+        self.memory = memory
+        self.max_elements = max_elements
+        self.translate = translate
+        self.segments = segments
         self.stats = EngineStats()
         self._stopping = False
         self._reads: set[anyio.CancelScope] = set()
@@ -52,7 +73,16 @@ class Dispatcher:
         Closes the transport before returning. Signals readiness through
         ``task_status`` (use it with ``TaskGroup.start``).
         """
-        engine = Engine(self.router, deadline=self.deadline, stats=self.stats)
+        memory = getattr(transport, "guest_memory", None)
+        engine = Engine(
+            self.router,
+            deadline=self.deadline,
+            stats=self.stats,
+            memory=memory if isinstance(memory, GuestMemory) else self.memory,
+            max_elements=self.max_elements,
+            translate=self.translate,
+            segments=self.segments,
+        )
         send_lock = anyio.Lock(fast_acquire=True)
 
         async def send(frames: Sequence[bytes]) -> None:
@@ -70,9 +100,9 @@ class Dispatcher:
                             if claim is None:
                                 results.append(None)
                             elif claim.is_async:
-                                results.append(await cast(Awaitable[int | None], claim.handler(step.access)))
+                                results.append(await cast(Awaitable[object], call_step(step)))
                             else:
-                                results.append(claim.handler(step.access))
+                                results.append(call_step(step))
                     except Exception as exc:
                         status, error = Status.HANDLER_FAILED, exc
                 if scope.cancelled_caught:

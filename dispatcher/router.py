@@ -4,6 +4,11 @@ A :class:`Router` is an explicit table; nothing is registered at import
 time. :func:`on_port` only marks a function or method, and
 :meth:`Router.include` collects the marks of a module or a device object,
 in the way pluggy collects hook implementations.
+
+String I/O (REP INS/OUTS) reaches the ``on_port`` handler once per element.
+A device that can take a whole chunk at once (a disk's data port) also
+installs a bulk handler for the port with :func:`on_bulk` or
+:meth:`Router.add_bulk`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,19 @@ from typing import Any, NamedTuple, TypeAlias, TypeVar
 from .announce import PortRange
 from .errors import OverlappingClaimError, RoutingError
 
-__all__ = ["PORT_LIMIT", "Access", "Claim", "Handler", "PortAccess", "Router", "on_port"]
+__all__ = [
+    "PORT_LIMIT",
+    "Access",
+    "BulkAccess",
+    "BulkClaim",
+    "BulkHandler",
+    "Claim",
+    "Handler",
+    "PortAccess",
+    "Router",
+    "on_bulk",
+    "on_port",
+]
 
 # An access at port 0xFFFF of size 4 reaches three ports past it; the tables
 # cover them so lookups need no bounds check. They are never claimable.
@@ -50,8 +67,31 @@ class PortAccess(NamedTuple):
     partition: int
 
 
+class BulkAccess(NamedTuple):
+    """What a bulk handler is called with: ``elements`` elements of a string access at once.
+
+    Elements are ``size`` bytes, little-endian, in the order the instruction
+    moves them (whatever RFLAGS.DF). For OUTS (``is_write``), ``data`` holds
+    the ``elements * size`` bytes written; for INS it is empty and the handler
+    returns exactly ``elements * size`` bytes (``bytes``, ``bytearray`` or
+    ``memoryview``). ``offset`` is ``port`` less the first port of the claim.
+    """
+
+    port: int
+    size: int
+    elements: int
+    is_write: bool
+    data: bytes
+    offset: int
+    vp_index: int
+    partition: int
+
+
 HandlerResult: TypeAlias = int | Awaitable[int | None] | None
 Handler: TypeAlias = Callable[[PortAccess], HandlerResult]
+BulkData: TypeAlias = bytes | bytearray | memoryview
+BulkResult: TypeAlias = BulkData | Awaitable[BulkData | None] | None
+BulkHandler: TypeAlias = Callable[[BulkAccess], BulkResult]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -71,6 +111,21 @@ class Claim:
         return getattr(self.handler, "__qualname__", repr(self.handler))
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class BulkClaim:
+    """An installed bulk handler: string accesses to ports ``first..last`` in the given directions."""
+
+    first: int
+    last: int
+    access: Access
+    handler: BulkHandler
+    is_async: bool
+
+    @property
+    def name(self) -> str:
+        return getattr(self.handler, "__qualname__", repr(self.handler))
+
+
 @dataclass(frozen=True, slots=True)
 class _Mark:
     port: int
@@ -80,6 +135,7 @@ class _Mark:
 
 
 _MARKS = "__intercept_dispatch_ports__"
+_BULK_MARKS = "__intercept_dispatch_bulk_ports__"
 
 
 def _access(access: Access | str) -> Access:
@@ -110,6 +166,21 @@ def on_port(
     return decorate
 
 
+def on_bulk(port: int, count: int = 1, *, access: Access | str = Access.READ_WRITE) -> Callable[[F], F]:
+    """Mark a function or method as the bulk handler of ``count`` ports from ``port``.
+
+    Installed by :meth:`Router.include` like :func:`on_port` marks (after
+    them); the arguments are those of :meth:`Router.add_bulk`.
+    """
+    mark = _Mark(port, count, _access(access), 4)
+
+    def decorate(func: F) -> F:
+        setattr(func, _BULK_MARKS, (*getattr(func, _BULK_MARKS, ()), mark))
+        return func
+
+    return decorate
+
+
 def _max_size(max_size: int) -> int:
     if max_size not in (1, 2, 4):
         raise ValueError(f"max_size must be 1, 2 or 4, not {max_size}")
@@ -130,6 +201,9 @@ class Router:
         self._read: list[Claim | None] = [None] * _TABLE_SIZE
         self._write: list[Claim | None] = [None] * _TABLE_SIZE
         self._claims: list[Claim] = []
+        self._bulk_read: dict[int, BulkClaim] = {}
+        self._bulk_write: dict[int, BulkClaim] = {}
+        self._bulk_claims: list[BulkClaim] = []
 
     # The dispatcher reads these tables directly on its hot path.
     @property
@@ -139,6 +213,14 @@ class Router:
     @property
     def write_table(self) -> list[Claim | None]:
         return self._write
+
+    @property
+    def bulk_read_table(self) -> dict[int, BulkClaim]:
+        return self._bulk_read
+
+    @property
+    def bulk_write_table(self) -> dict[int, BulkClaim]:
+        return self._bulk_write
 
     def add(
         self,
@@ -187,8 +269,52 @@ class Router:
 
         return decorate
 
-    def remove(self, claim: Claim) -> None:
-        """Uninstall a claim; its ports become unclaimed."""
+    def add_bulk(
+        self, handler: BulkHandler, port: int, count: int = 1, *, access: Access | str = Access.READ_WRITE
+    ) -> BulkClaim:
+        """Install ``handler`` to take string accesses (REP INS/OUTS) to these ports a chunk at a time.
+
+        Each port must already be claimed by an :meth:`add` handler in the
+        same directions; that handler keeps answering IN and OUT, and its
+        removal removes this one. Raises ``RoutingError`` otherwise, and
+        ``OverlappingClaimError`` if another bulk handler has one of the ports.
+        """
+        direction = _access(access)
+        last = port + count - 1
+        if count < 1 or port < 0 or last >= PORT_LIMIT:
+            raise RoutingError(f"ports {port:#x}+{count} are outside 0x0000..0xffff")
+        claim = BulkClaim(port, last, direction, handler, _is_async(handler))
+        tables = self._bulk_tables(direction)
+        for flag, table in tables:
+            elements = self._read if flag is Access.READ else self._write
+            for p in range(port, last + 1):
+                other = table.get(p)
+                if other is not None:
+                    raise OverlappingClaimError(
+                        f"{claim.name} takes bulk port {p:#x} ({flag.name}), "
+                        f"already taken by {other.name} for {other.first:#x}..{other.last:#x}"
+                    )
+                if elements[p] is None:
+                    raise RoutingError(f"{claim.name}: bulk port {p:#x} has no {flag.name} claim to go with it")
+        for _, table in tables:
+            table.update(dict.fromkeys(range(port, last + 1), claim))
+        self._bulk_claims.append(claim)
+        return claim
+
+    def _bulk_tables(self, direction: Access) -> list[tuple[Access, dict[int, BulkClaim]]]:
+        return [(f, t) for f, t in ((Access.READ, self._bulk_read), (Access.WRITE, self._bulk_write)) if direction & f]
+
+    def remove(self, claim: Claim | BulkClaim) -> None:
+        """Uninstall a claim; its ports become unclaimed (and lose the bulk handlers that went with it)."""
+        if isinstance(claim, BulkClaim):
+            try:
+                self._bulk_claims.remove(claim)
+            except ValueError:
+                raise RoutingError(f"{claim.name} at {claim.first:#x} is not installed here") from None
+            for _, bulk_table in self._bulk_tables(claim.access):
+                for p in range(claim.first, claim.last + 1):
+                    del bulk_table[p]
+            return
         try:
             self._claims.remove(claim)
         except ValueError:
@@ -196,27 +322,35 @@ class Router:
         for flag, table in ((Access.READ, self._read), (Access.WRITE, self._write)):
             if claim.access & flag:
                 table[claim.first : claim.last + 1] = [None] * (claim.last - claim.first + 1)
+        for bulk in list(self._bulk_claims):
+            if bulk.first <= claim.last and claim.first <= bulk.last and bulk.access & claim.access:
+                self.remove(bulk)
 
     def include(self, source: object, *, base: int | None = None) -> list[Claim]:
         """Install the claims of another router, or the marked handlers of a module or object.
 
         For a router, its claims are copied as they are. Otherwise each
-        :func:`on_port` mark is installed at ``base`` plus its port; ``base``
-        defaults to the object's ``io_base`` attribute, else 0. All or none
-        are installed.
+        :func:`on_port` mark is installed at ``base`` plus its port, then each
+        :func:`on_bulk` mark; ``base`` defaults to the object's ``io_base``
+        attribute, else 0. All or none are installed. Returns the
+        :func:`on_port` claims (removing them removes the bulk ones too).
         """
         if isinstance(source, Router):
             wanted = [(c.handler, c.first, c.last - c.first + 1, c.access, c.max_size) for c in source._claims]
+            bulk = [(b.handler, b.first, b.last - b.first + 1, b.access) for b in source._bulk_claims]
         else:
             offset = getattr(source, "io_base", 0) if base is None else base
             wanted = [
                 (handler, offset + mark.port, mark.count, mark.access, mark.max_size)
-                for handler, mark in _marked(source)
+                for handler, mark in _marked(source, _MARKS)
             ]
+            bulk = [(handler, offset + m.port, m.count, m.access) for handler, m in _marked(source, _BULK_MARKS)]
         installed: list[Claim] = []
         try:
             for handler, port, count, access, max_size in wanted:
                 installed.append(self.add(handler, port, count, access=access, max_size=max_size))
+            for bulk_handler, port, count, access in bulk:
+                self.add_bulk(bulk_handler, port, count, access=access)
         except RoutingError:
             for claim in installed:
                 self.remove(claim)
@@ -230,6 +364,10 @@ class Router:
     @property
     def claims(self) -> tuple[Claim, ...]:
         return tuple(self._claims)
+
+    @property
+    def bulk_claims(self) -> tuple[BulkClaim, ...]:
+        return tuple(self._bulk_claims)
 
     def port_ranges(self) -> list[PortRange]:
         """The claimed ports as sorted ranges with their directions, merged where adjacent."""
@@ -245,7 +383,7 @@ class Router:
         return ranges
 
 
-def _marked(source: object) -> Iterator[tuple[Handler, _Mark]]:
+def _marked(source: object, attribute: str) -> Iterator[tuple[Any, _Mark]]:
     seen: list[object] = []
     for name in dir(source):
         if name.startswith("__"):
@@ -254,7 +392,7 @@ def _marked(source: object) -> Iterator[tuple[Handler, _Mark]]:
             value = getattr(source, name)
         except AttributeError:
             continue
-        marks: Iterable[_Mark] = getattr(value, _MARKS, ())
+        marks: Iterable[_Mark] = getattr(value, attribute, ())
         # A function reachable under two names is installed once.
         function = getattr(value, "__func__", value)
         if not marks or not callable(value) or any(function is f for f in seen):

@@ -10,6 +10,16 @@ own RAX and RIP::
         await vp.outb(0x3F8, 0x41)
         assert await vp.inb(0x3FD) & 0x20
 
+String I/O runs against the partition's guest memory with the VP's RCX,
+RSI, RDI, RFLAGS.DF and segment registers, re-executing a REP instruction
+until it completes, as a VMM does::
+
+    memory = BufferMemory([(0, bytearray(0x10000))])
+    async with FakePartition(router, memory=memory) as partition:
+        vp = partition.vp(0)
+        vp.rdi, vp.rcx = 0x8000, 256
+        await vp.insw(0x1F0, rep=True)  # one sector into 0x8000..0x81FF
+
 With the package installed, pytest gets the fixtures ``fake_partition`` and
 ``fake_vp``, built from a ``router`` fixture that the test module supplies.
 """
@@ -23,20 +33,25 @@ from types import TracebackType
 import anyio
 
 from dispatcher import (
+    DEFAULT_MAX_ELEMENTS,
     AccessInfo,
     AccessType,
     Completion,
     Dispatcher,
     DispatchError,
     ExecutionState,
+    GuestMemory,
     IoPortInterceptMessage,
     Registers,
     Router,
+    Segment,
     SegmentAttributes,
     SegmentRegister,
     Status,
+    Translate,
     Transport,
     decode_completion,
+    identity_translation,
 )
 
 from .memory import memory_transport_pair
@@ -59,6 +74,18 @@ _MODE_STATE = {
 }
 
 
+# Per mode: CS limit and selector, the data segments' default, and the
+# default operand and address sizes (bytes, bits).
+_MODE_SEGMENTS = {
+    CpuMode.REAL: (0xFFFF, 0, SegmentRegister(0, 0xFFFF, 0, SegmentAttributes(0x93)), 2, 16),
+    CpuMode.PROTECTED: (0xFFFF_FFFF, 0x8, SegmentRegister(0, 0xFFFF_FFFF, 0x10, SegmentAttributes(0xC093)), 4, 32),
+    CpuMode.LONG: (0xFFFF_FFFF, 0x8, SegmentRegister(0, 0xFFFF_FFFF, 0x10, SegmentAttributes(0xC093)), 4, 64),
+}
+_OVERRIDE_PREFIX = {Segment.ES: 0x26, Segment.CS: 0x2E, Segment.SS: 0x36, Segment.DS: 0x3E, Segment.FS: 0x64,
+                    Segment.GS: 0x65}  # fmt: skip
+_MASK64 = (1 << 64) - 1
+
+
 class CompletionError(DispatchError):
     """A completion came back with a status other than COMPLETED."""
 
@@ -71,12 +98,15 @@ class CompletionError(DispatchError):
 
 
 class FakeVP:
-    """A virtual processor that executes IN and OUT as guest code would.
+    """A virtual processor that executes IN, OUT, INS and OUTS as guest code would.
 
-    Registers live in attributes (``rax``, ``rip``, ``rflags``); each access
-    sends an intercept carrying them and applies the completion. With
-    ``strict`` (the partition's default) a completion that is not COMPLETED
-    raises :class:`CompletionError` after it has been applied.
+    Registers live in attributes (``rax``, ``rip``, ``rflags``; for string
+    I/O ``rcx``, ``rsi``, ``rdi`` and the segment registers ``ds``, ``es``,
+    and ``ss``, ``fs``, ``gs``, which the intercept does not carry and the
+    partition supplies on request when set); each access sends an intercept
+    carrying them and applies the completion. With ``strict`` (the
+    partition's default) a completion that is not COMPLETED raises
+    :class:`CompletionError` after it has been applied.
     """
 
     def __init__(self, partition: FakePartition, index: int, mode: CpuMode) -> None:
@@ -86,8 +116,19 @@ class FakeVP:
         self.execution_state, self.cs_attributes, self.rip = _MODE_STATE[mode]
         self.rax = 0
         self.rflags = 0x2
+        self.rcx = self.rsi = self.rdi = 0
+        self.ds = self.es = _MODE_SEGMENTS[mode][2]
+        self.ss: SegmentRegister | None = None
+        self.fs: SegmentRegister | None = None
+        self.gs: SegmentRegister | None = None
         self.last_completion: Completion | None = None
         self._lock = anyio.Lock()
+
+    @property
+    def cs(self) -> SegmentRegister:
+        """The code segment this VP's mode implies."""
+        limit, selector, *_ = _MODE_SEGMENTS[self.mode]
+        return SegmentRegister(0, limit, selector, self.cs_attributes)
 
     def _instruction_length(self, port: int, size: int) -> int:
         # IN/OUT with an imm8 port is two bytes, with DX one; an operand size
@@ -109,11 +150,13 @@ class FakeVP:
             source_partition=self.partition.partition_id,
             instruction_length=self._instruction_length(port, size),
             execution_state=self.execution_state,
-            cs_segment=SegmentRegister(0, 0xFFFF_FFFF if self.mode is not CpuMode.REAL else 0xFFFF,
-                                       0x8 if self.mode is not CpuMode.REAL else 0, self.cs_attributes),
+            cs_segment=self.cs,
             rip=self.rip,
             rflags=self.rflags,
         )
+        return await self._execute(message)
+
+    async def _execute(self, message: IoPortInterceptMessage) -> Completion:
         async with self._lock:
             completion = await self.partition.exchange(self.index, message.to_bytes())
         self.apply(completion)
@@ -124,10 +167,94 @@ class FakeVP:
     def apply(self, completion: Completion) -> None:
         """Set the registers the completion names, as a VMM would."""
         self.last_completion = completion
-        if completion.registers & Registers.RIP:
+        registers = completion.registers
+        if registers & Registers.RIP:
             self.rip = completion.rip
-        if completion.registers & Registers.RAX:
+        if registers & Registers.RAX:
             self.rax = completion.rax
+        if registers & Registers.RCX:
+            self.rcx = completion.rcx
+        if registers & Registers.RSI:
+            self.rsi = completion.rsi
+        if registers & Registers.RDI:
+            self.rdi = completion.rdi
+
+    def string_instruction(
+        self,
+        size: int,
+        *,
+        write: bool,
+        rep: bool = False,
+        segment: Segment | None = None,
+        address_size: int | None = None,
+    ) -> bytes:
+        """The bytes of INS (``write=False``) or OUTS of ``size``-byte elements in this VP's mode.
+
+        Adds the operand-size prefix when ``size`` is not the mode's default,
+        the address-size prefix when ``address_size`` (16, 32 or 64 bits) is
+        not, a segment override for ``segment``, and REP.
+        """
+        if size not in (1, 2, 4):
+            raise ValueError(f"size must be 1, 2 or 4, not {size}")
+        *_, default_operand, default_address = _MODE_SEGMENTS[self.mode]
+        wanted = default_address if address_size is None else address_size
+        allowed = (32, 64) if self.mode is CpuMode.LONG else (16, 32)
+        if wanted not in allowed:
+            raise ValueError(f"a {self.mode.value}-mode VP has address sizes {allowed}, not {address_size}")
+        prefixes = bytearray()
+        if segment is not None:
+            prefixes.append(_OVERRIDE_PREFIX[segment])
+        if size > 1 and size != default_operand:
+            prefixes.append(0x66)
+        if wanted != default_address:
+            prefixes.append(0x67)
+        if rep:
+            prefixes.append(0xF3)
+        return bytes(prefixes) + bytes([(0x6E if write else 0x6C) | (size > 1)])
+
+    async def string(
+        self,
+        port: int,
+        size: int,
+        *,
+        write: bool,
+        rep: bool = False,
+        segment: Segment | None = None,
+        address_size: int | None = None,
+    ) -> Completion:
+        """Execute INS (``write=False``) or OUTS through DX = ``port`` with the current registers.
+
+        A REP instruction is re-executed while a completion leaves RIP and
+        moves RCX, as a VMM re-enters the VP; returns the last completion.
+        """
+        instruction = self.string_instruction(size, write=write, rep=rep, segment=segment, address_size=address_size)
+        while True:
+            message = IoPortInterceptMessage(
+                port_number=port,
+                access_type=AccessType.WRITE if write else AccessType.READ,
+                access_info=AccessInfo.build(size, string_op=True, rep_prefix=rep),
+                rax=self.rax,
+                vp_index=self.index,
+                source_partition=self.partition.partition_id,
+                instruction_length=len(instruction),
+                instruction_bytes=instruction,
+                execution_state=self.execution_state,
+                cs_segment=self.cs,
+                rip=self.rip,
+                rflags=self.rflags,
+                ds_segment=self.ds,
+                es_segment=self.es,
+                rcx=self.rcx & _MASK64,
+                rsi=self.rsi & _MASK64,
+                rdi=self.rdi & _MASK64,
+            )
+            completion = await self._execute(message)
+            if completion.registers & Registers.RIP or not completion.registers & Registers.RCX:
+                return completion
+
+    def segment(self, segment: Segment) -> SegmentRegister | None:
+        """This VP's SS, FS or GS if set (what the partition answers when the dispatcher asks)."""
+        return {Segment.SS: self.ss, Segment.FS: self.fs, Segment.GS: self.gs}.get(segment)
 
     async def _out(self, port: int, size: int, value: int) -> None:
         mask = (1 << 8 * size) - 1
@@ -162,6 +289,36 @@ class FakeVP:
         """``in eax, dx``; returns EAX."""
         return await self._in(port, 4)
 
+    async def insb(self, port: int, *, rep: bool = False, address_size: int | None = None) -> Completion:
+        """``[rep] insb``: bytes from ``port`` to ES:[rDI]."""
+        return await self.string(port, 1, write=False, rep=rep, address_size=address_size)
+
+    async def insw(self, port: int, *, rep: bool = False, address_size: int | None = None) -> Completion:
+        """``[rep] insw``: words from ``port`` to ES:[rDI]."""
+        return await self.string(port, 2, write=False, rep=rep, address_size=address_size)
+
+    async def insl(self, port: int, *, rep: bool = False, address_size: int | None = None) -> Completion:
+        """``[rep] insd``: dwords from ``port`` to ES:[rDI]."""
+        return await self.string(port, 4, write=False, rep=rep, address_size=address_size)
+
+    async def outsb(
+        self, port: int, *, rep: bool = False, segment: Segment | None = None, address_size: int | None = None
+    ) -> Completion:
+        """``[rep] outsb``: bytes from DS:[rSI] (or ``segment``:[rSI]) to ``port``."""
+        return await self.string(port, 1, write=True, rep=rep, segment=segment, address_size=address_size)
+
+    async def outsw(
+        self, port: int, *, rep: bool = False, segment: Segment | None = None, address_size: int | None = None
+    ) -> Completion:
+        """``[rep] outsw``: words from DS:[rSI] (or ``segment``:[rSI]) to ``port``."""
+        return await self.string(port, 2, write=True, rep=rep, segment=segment, address_size=address_size)
+
+    async def outsl(
+        self, port: int, *, rep: bool = False, segment: Segment | None = None, address_size: int | None = None
+    ) -> Completion:
+        """``[rep] outsd``: dwords from DS:[rSI] (or ``segment``:[rSI]) to ``port``."""
+        return await self.string(port, 4, write=True, rep=rep, segment=segment, address_size=address_size)
+
 
 class FakePartition:
     """A partition of fake VPs wired to a real Dispatcher over the in-memory transport.
@@ -170,6 +327,12 @@ class FakePartition:
     gracefully. ``dispatcher`` may be given to inspect its statistics. There
     is no handler deadline unless one is given: a test's outcome must not
     depend on how busy the machine is.
+
+    ``memory`` is the guest memory string I/O uses (shared with the test);
+    ``translate`` is the dispatcher's translation hook (by default the fake
+    guest's page tables map every address to itself; None means no hook);
+    ``max_elements`` bounds the elements one intercept moves. The dispatcher
+    learns SS, FS and GS from the VPs' attributes.
     """
 
     def __init__(
@@ -181,12 +344,21 @@ class FakePartition:
         strict: bool = True,
         deadline: float | None = None,
         dispatcher: Dispatcher | None = None,
+        memory: GuestMemory | None = None,
+        translate: Translate | None = identity_translation,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
     ) -> None:
         self.router = router
         self.partition_id = partition_id
         self.mode = mode
         self.strict = strict
-        self.dispatcher = dispatcher if dispatcher is not None else Dispatcher(router, deadline=deadline)
+        if dispatcher is None:
+            dispatcher = Dispatcher(router, deadline=deadline, memory=memory, translate=translate,
+                                    max_elements=max_elements, segments=self._segment)  # fmt: skip
+        elif memory is not None and memory is not dispatcher.memory:
+            raise ValueError("give the guest memory to the Dispatcher you pass")
+        self.dispatcher = dispatcher
+        self.memory = dispatcher.memory
         self._vps: dict[int, FakeVP] = {}
         self._waiting: dict[int, tuple[anyio.Event, list[Completion]]] = {}
         self._transport: Transport | None = None
@@ -198,6 +370,10 @@ class FakePartition:
         if vp is None:
             vp = self._vps[index] = FakeVP(self, index, mode or self.mode)
         return vp
+
+    def _segment(self, partition: int, vp_index: int, segment: Segment) -> SegmentRegister | None:
+        vp = self._vps.get(vp_index)
+        return vp.segment(segment) if vp is not None and partition == self.partition_id else None
 
     async def exchange(self, vp_index: int, frame: bytes) -> Completion:
         """Send one raw frame and wait for the completion addressed to ``vp_index``.
@@ -246,4 +422,3 @@ class FakePartition:
         finally:
             await self._transport.aclose()
             self._transport = None
-
