@@ -54,6 +54,9 @@ VRT = 0x80
 UIP_BEFORE = 244e-6  # UIP rises this long before an update cycle ...
 UPDATE_CYCLE = 1984e-6  # ... which takes this long; the new time shows at its end
 DAY = 86400
+# A clock reading within this of a divider boundary counts as reaching it, so that a loop woken at
+# next_due() is never early by a floating-point rounding error.
+_EPS = 1e-9
 
 
 def seconds_from_civil(year: int, month: int, day: int, hour: int, minute: int, second: int) -> int:
@@ -124,7 +127,7 @@ class Rtc146818:
 
     def _boundaries(self, since: float, until: float) -> int:
         """Divider second boundaries in (since, until]."""
-        return math.floor(until - self._phase) - math.floor(since - self._phase)
+        return math.floor(until - self._phase + _EPS) - math.floor(since - self._phase + _EPS)
 
     def _time(self, now: float) -> int:
         if not self._counting():
@@ -162,9 +165,7 @@ class Rtc146818:
         last, self._last = self._last, now
         if now > last:
             period = self._periodic()
-            if period is not None and math.floor((now - self._phase) / period) > math.floor(
-                (last - self._phase) / period
-            ):
+            if period is not None and self._periods(now, period) > self._periods(last, period):
                 self.flags |= PF
             if self._counting():
                 updates = self._boundaries(last, now)
@@ -176,6 +177,9 @@ class Rtc146818:
         self._drive()
 
     poll = update
+
+    def _periods(self, now: float, period: float) -> int:
+        return math.floor((now - self._phase + _EPS) / period)
 
     def _drive(self) -> None:
         # IRQF = PF.PIE + AF.AIE + UF.UIE: each enable bit sits where its flag does.
@@ -192,9 +196,9 @@ class Rtc146818:
         due: list[float] = []
         period = self._periodic()
         if b & PIE and period is not None:
-            due.append(self._phase + (math.floor((now - self._phase) / period) + 1) * period)
+            due.append(self._phase + (self._periods(now, period) + 1) * period)
         if self._counting():
-            next_update = self._phase + math.floor(now - self._phase) + 1
+            next_update = self._phase + math.floor(now - self._phase + _EPS) + 1
             if b & UIE:
                 due.append(next_update)
             current = self._time(now)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from dispatcher import IrqRecorder, Router
+from dispatcher import IrqRecorder, PortAccess, Router
 from examples.rtc import Rtc146818
 from transports.testing import FakePartition, FakeVP
 
@@ -182,6 +182,24 @@ async def test_periodic_interrupt_rates(
     assert await read(fake_vp, C) == 0xC0
     assert not irqs.level(8)
     assert await read(fake_vp, C) == 0x00
+
+
+async def test_a_loop_woken_at_next_due_sees_the_interrupt(irqs: IrqRecorder) -> None:
+    """A machine loop that sleeps until next_due() and updates there finds IRQ 8 raised, however the clock's
+    origin rounds (periodic at 8192 Hz together with the update-ended interrupt)."""
+    clock = Clock()
+    clock.now = 12345.678901
+    rtc = Rtc146818(irq=irqs.line(8), clock=clock, start=START)
+    rtc.cmos[A], rtc.cmos[B] = 0x23, 0x52
+    for _ in range(50):
+        due = rtc.next_due()
+        assert due is not None
+        clock.now = due
+        rtc.update()
+        assert irqs.level(8)
+        rtc.index_port(PortAccess(INDEX, 1, True, C, 0, 0, 0))
+        rtc.data_port(PortAccess(DATA, 1, False, 0, 0, 0, 0))
+        assert not irqs.level(8)
 
 
 async def test_no_periodic_interrupt_with_rate_zero(fake_vp: FakeVP, clock: Clock, rtc: Rtc146818) -> None:
