@@ -1,0 +1,30 @@
+"""Service tests: one service process per module and backend, shared by the tests that only talk to it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from service_helpers import SERVE_ARGS, ServiceProcess
+
+
+@pytest.fixture(scope="module", params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Module-scoped here, so a service started for one backend serves all of that backend's tests."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def service(anyio_backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """``serve --device service_devices:router`` on a fresh socket, the event loop matching the test's."""
+    tmp = tmp_path_factory.mktemp(f"service-{anyio_backend}")
+    process = ServiceProcess(tmp, *SERVE_ARGS, socket=tmp / "s.sock", backend=anyio_backend)
+    yield process
+    assert process.stop() == 0, process.log
+
+
+@pytest.fixture
+def socket_path(service: ServiceProcess) -> Path:
+    assert service.socket is not None
+    return service.socket

@@ -1,0 +1,272 @@
+"""Frames over a UNIX stream socket: the listener a service binds and the connection both sides use.
+
+SOCK_STREAM, not SOCK_SEQPACKET: one read takes every frame queued (a
+record socket needs a system call per frame), the same framing serves the
+pipe transport, and SCM_RIGHTS works on both. docs/PROTOCOL.md gives the
+full reasoning.
+
+Descriptors (guest memory as memfds, for string I/O) travel as SCM_RIGHTS
+ancillary data: :meth:`UnixTransport.send_fds` attaches them to one frame,
+and the receiver keeps every descriptor that arrives in a FIFO queue, in
+stream order, from which the handler of that frame takes them with
+:meth:`UnixTransport.take_fds`.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from collections import deque
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import anyio
+import anyio.lowlevel
+
+from dispatcher import TransportError
+
+from .fdstream import READ_SIZE, FdStreamTransport
+
+__all__ = ["DEFAULT_MODE", "PeerCredentials", "UnixListener", "UnixTransport", "connect_unix", "default_socket_path"]
+
+log = logging.getLogger("transports")
+
+DEFAULT_MODE = 0o600
+MAX_FDS_PER_READ = 16
+"""Descriptors one read can carry; more arriving at once is a protocol error."""
+MAX_QUEUED_FDS = 64
+"""Descriptors received and not yet taken; more is a protocol error."""
+
+_UCRED = struct.Struct("3i")
+_FD = array.array("i").itemsize
+
+
+def default_socket_path() -> str:
+    """Where a service listens unless told otherwise.
+
+    ``$XDG_RUNTIME_DIR/intercept-dispatch.sock`` (a per-user directory only
+    its owner can enter), else ``/tmp/intercept-dispatch-<uid>.sock``.
+    """
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "intercept-dispatch.sock")
+    return f"/tmp/intercept-dispatch-{os.getuid()}.sock"
+
+
+class PeerCredentials(NamedTuple):
+    """The peer process as the kernel saw it when the socket connected (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+class UnixTransport(FdStreamTransport):
+    """One connected UNIX stream socket carrying frames, and descriptors beside them."""
+
+    def __init__(self, sock: socket.socket, *, name: str | None = None) -> None:
+        sock.setblocking(False)
+        fd = sock.fileno()
+        super().__init__(fd, fd, name=name or f"unix socket fd {fd}")
+        self.socket = sock
+        self._fds: deque[int] = deque()
+        self._ancillary_size = socket.CMSG_SPACE(MAX_FDS_PER_READ * _FD)
+
+    def peer_credentials(self) -> PeerCredentials:
+        """Who is at the other end: pid, uid and gid from SO_PEERCRED."""
+        return PeerCredentials._make(
+            _UCRED.unpack(self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        )
+
+    def _read(self) -> bytes:
+        data, ancillary, flags, _ = self.socket.recvmsg(READ_SIZE, self._ancillary_size)
+        if ancillary:
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(payload[: len(payload) - len(payload) % _FD])
+                    self._fds.extend(fds)
+            if flags & socket.MSG_CTRUNC:
+                raise TransportError(f"{self.name}: more than {MAX_FDS_PER_READ} descriptors arrived at once")
+            if len(self._fds) > MAX_QUEUED_FDS:
+                raise TransportError(f"{self.name}: {len(self._fds)} descriptors received and not taken")
+        return data
+
+    def _write(self, data: memoryview) -> int:
+        return self.socket.send(data)
+
+    def _close_fds(self) -> None:
+        while self._fds:
+            os.close(self._fds.popleft())
+        self.socket.close()
+
+    @property
+    def queued_fds(self) -> int:
+        """Descriptors received and not yet taken."""
+        return len(self._fds)
+
+    def take_fds(self, count: int) -> list[int]:
+        """Take the oldest ``count`` received descriptors; the caller owns (and closes) them.
+
+        A frame sent with :meth:`send_fds` has its descriptors queued by the
+        time the frame itself is delivered. Raises
+        :class:`~dispatcher.TransportError` if fewer have arrived.
+        """
+        if count > len(self._fds):
+            raise TransportError(f"{self.name}: {count} descriptors wanted, {len(self._fds)} received")
+        return [self._fds.popleft() for _ in range(count)]
+
+    async def send_fds(self, frame: bytes, fds: Sequence[int]) -> None:
+        """Send one frame with descriptors attached (SCM_RIGHTS), in order with the other frames.
+
+        The descriptors are duplicated into the peer; the caller keeps its own.
+        """
+        if not frame or not 1 <= len(fds) <= MAX_FDS_PER_READ:
+            raise ValueError(f"send_fds needs a frame and 1..{MAX_FDS_PER_READ} descriptors")
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        async with self._write_lock:
+            while True:
+                try:
+                    sent = self.socket.sendmsg([frame], ancillary)
+                    break
+                except BlockingIOError:
+                    try:
+                        await anyio.wait_writable(self._write_fd)
+                    except anyio.ClosedResourceError:
+                        raise TransportError(f"{self.name}: closed while writing") from None
+                except OSError as error:
+                    raise self._failure("write", error) from error
+            if sent < len(frame):
+                await self._write_all(frame[sent:])
+
+
+async def connect_unix(path: str | os.PathLike[str], *, name: str | None = None) -> UnixTransport:
+    """Connect to a service's socket. Raises ``OSError`` (e.g. ``FileNotFoundError``,
+    ``ConnectionRefusedError``) when nothing listens there."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                sock.connect(os.fspath(path))
+                break
+            except BlockingIOError:
+                await anyio.wait_writable(sock)  # the listener's backlog is full: retry when it drains
+    except BaseException:
+        sock.close()
+        raise
+    return UnixTransport(sock, name=name or f"unix socket {os.fspath(path)}")
+
+
+class UnixListener:
+    """A listening UNIX stream socket; :meth:`accept` yields :class:`UnixTransport` connections.
+
+    Made by :meth:`bind` (a socket file this listener owns and removes when
+    closed) or :meth:`from_fd` (an inherited socket, e.g. from systemd).
+    """
+
+    def __init__(self, sock: socket.socket, *, path: str | None = None, owns_path: bool = False) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+        self.path = path
+        self._identity: tuple[int, int] | None = None
+        if owns_path and path is not None:
+            info = os.stat(path)
+            self._identity = (info.st_dev, info.st_ino)
+        self._closed = False
+
+    @classmethod
+    def bind(cls, path: str | os.PathLike[str], *, mode: int = DEFAULT_MODE, backlog: int = 128) -> UnixListener:
+        """Bind and listen at ``path`` with permissions ``mode``.
+
+        A socket file left by a dead service (nothing accepts on it) is
+        replaced; a live one is not: ``OSError(EADDRINUSE)``. A path that is
+        not a socket is never touched: ``FileExistsError``.
+        """
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"mode must be within 0o000..0o777, not {mode:#o}")
+        where = os.fspath(path)
+        _remove_stale(where)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # The socket file is created with these permissions, never looser
+            # for a moment (a chmod after bind would leave a window).
+            umask = os.umask(0o777 & ~mode)
+            try:
+                sock.bind(where)
+            finally:
+                os.umask(umask)
+            sock.listen(backlog)
+            return cls(sock, path=where, owns_path=True)
+        except BaseException:
+            sock.close()
+            raise
+
+    @classmethod
+    def from_fd(cls, fd: int) -> UnixListener:
+        """Adopt an inherited listening socket. Raises ``ValueError`` if it is not a UNIX stream socket."""
+        sock = socket.socket(fileno=fd)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.detach()
+            raise ValueError(f"descriptor {fd} is not a UNIX stream socket")
+        name = sock.getsockname()
+        return cls(sock, path=name if isinstance(name, str) and name else None)
+
+    async def accept(self) -> UnixTransport:
+        """Wait for the next connection. Raises ``anyio.ClosedResourceError`` once closed."""
+        while True:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            try:
+                sock, _ = self.socket.accept()
+            except BlockingIOError:
+                await anyio.wait_readable(self.socket)
+                continue
+            except (ConnectionAbortedError, InterruptedError):
+                continue
+            return UnixTransport(sock)
+
+    async def aclose(self) -> None:
+        """Stop listening; remove the socket file if this listener made it and it is still there."""
+        if self._closed:
+            return
+        self._closed = True
+        anyio.notify_closing(self.socket)
+        self.socket.close()
+        if self._identity is not None and self.path is not None:
+            try:
+                info = os.stat(self.path)
+                if (info.st_dev, info.st_ino) == self._identity:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        await anyio.lowlevel.checkpoint()
+
+
+def _remove_stale(path: str) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket; not replacing it", path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        log.info("replaced the stale socket %s (nothing was listening)", path)
+        return
+    except TimeoutError:
+        raise OSError(errno.EADDRINUSE, "a service is listening there (its backlog is full)", path) from None
+    except OSError as error:
+        raise OSError(error.errno, f"cannot tell whether a service listens there: {error.strerror}", path) from None
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "another service is listening there", path)
