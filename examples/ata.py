@@ -22,7 +22,9 @@ Count and the LBA registers keep the previous value for 48-bit commands,
 read back with HOB set. A dword access to the data port moves two words (the
 PIIX IDE controller splits it); other registers are 8 bits wide and a wider
 access reaches them byte by byte. A byte access to the data port reads 0xFF
-and writes nothing, as QEMU does.
+and writes nothing, as QEMU does. ``REP INSW/INSD`` and ``OUTSW/OUTSD`` on the
+data port reach a bulk handler that moves a whole chunk (up to the
+dispatcher's element limit, across DRQ blocks) in one call.
 
 Commands: IDENTIFY DEVICE; READ/WRITE SECTORS and MULTIPLE and their EXT
 forms in CHS, LBA28 and LBA48; READ VERIFY (EXT); SEEK; RECALIBRATE;
@@ -46,7 +48,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dispatcher import IrqLine, PortAccess, on_port
+from dispatcher import BulkAccess, IrqLine, PortAccess, on_bulk, on_port
 
 __all__ = ["SECTOR_SIZE", "AtaChannel", "AtaDisk"]
 
@@ -309,6 +311,16 @@ class AtaChannel:
         return None
 
     # -- data port -------------------------------------------------------
+
+    @on_bulk(0)
+    def data_bulk(self, access: BulkAccess) -> bytes | None:
+        """String I/O on the data port: the same byte stream as element-wise access, a chunk at a time."""
+        if access.size == 1:
+            return None if access.is_write else b"\xff" * access.elements
+        if access.is_write:
+            self._write_data(access.data)
+            return None
+        return self._read_data(access.size * access.elements)
 
     def _read_data(self, size: int) -> bytes:
         drive = self._drive()

@@ -7,12 +7,13 @@ them) uses: select the device, load the task file, write the command, poll Statu
 from __future__ import annotations
 
 import pathlib
+from collections.abc import AsyncIterator
 
 import pytest
 
-from dispatcher import IrqRecorder, Router
+from dispatcher import BufferMemory, IrqRecorder, Router
 from examples.ata import SECTOR_SIZE, AtaChannel, AtaDisk
-from transports.testing import FakeVP
+from transports.testing import FakePartition, FakeVP
 
 pytestmark = pytest.mark.anyio
 
@@ -22,6 +23,7 @@ ERR, DRQ, DSC, DRDY, BSY = 0x01, 0x08, 0x10, 0x40, 0x80
 ABRT, IDNF = 0x04, 0x10
 NIEN, SRST, HOB = 0x02, 0x04, 0x80
 SECTORS = 4 * 16 * 63  # default geometry 4/16/63
+BUFFER = 0x10000  # where string I/O puts the data in guest memory
 
 
 def pattern(lba: int) -> bytes:
@@ -54,6 +56,17 @@ def router(channel: AtaChannel) -> Router:
     return router
 
 
+def partition(router: Router) -> FakePartition:
+    """A fake partition with 64 KiB of guest memory at BUFFER for REP INS/OUTS."""
+    return FakePartition(router, memory=BufferMemory([(BUFFER, bytearray(0x10000))]))
+
+
+@pytest.fixture
+async def fake_partition(router: Router) -> AsyncIterator[FakePartition]:
+    async with partition(router) as running:
+        yield running
+
+
 async def issue(
     vp: FakeVP, command: int, *, lba: int = 0, count: int = 1, device: int = 0xE0, features: int = 0
 ) -> None:
@@ -78,22 +91,46 @@ async def issue_ext(vp: FakeVP, command: int, *, lba: int, count: int) -> None:
     await vp.outb(STATUS, command)
 
 
-async def read_block(vp: FakeVP, size: int = SECTOR_SIZE, width: int = 4) -> bytes:
+async def read_block(vp: FakeVP, size: int = SECTOR_SIZE, how: str = "rep insw") -> bytes:
+    """Read ``size`` bytes from the data port as SeaBIOS does (``rep insw``), or with ``rep insd``, or one
+    ``in ax``/``in eax`` at a time."""
     assert await vp.inb(CTRL) & (BSY | DRQ) == DRQ
+    width = 2 if how in ("rep insw", "inw") else 4
+    if how.startswith("rep"):
+        vp.rdi, vp.rcx = BUFFER, size // width
+        await (vp.insw if width == 2 else vp.insl)(DATA, rep=True)
+        assert vp.rcx == 0 and vp.rdi == BUFFER + size
+        return read_memory(vp, size)
     read = vp.inw if width == 2 else vp.inl
     return b"".join([(await read(DATA)).to_bytes(width, "little") for _ in range(size // width)])
 
 
-async def write_block(vp: FakeVP, data: bytes, width: int = 4) -> None:
+async def write_block(vp: FakeVP, data: bytes, how: str = "rep outsw") -> None:
+    """Write ``data`` to the data port with ``rep outsw``/``rep outsd`` or one ``out`` at a time."""
     assert await vp.inb(CTRL) & (BSY | DRQ) == DRQ
+    width = 2 if how in ("rep outsw", "outw") else 4
+    if how.startswith("rep"):
+        memory = vp.partition.memory
+        assert memory is not None
+        memory.write(BUFFER, data)
+        vp.rsi, vp.rcx = BUFFER, len(data) // width
+        await (vp.outsw if width == 2 else vp.outsl)(DATA, rep=True)
+        assert vp.rcx == 0
+        return
     write = vp.outw if width == 2 else vp.outl
     for i in range(0, len(data), width):
         await write(DATA, int.from_bytes(data[i : i + width], "little"))
 
 
-async def identify(vp: FakeVP, device: int = 0xA0, width: int = 4) -> list[int]:
+def read_memory(vp: FakeVP, size: int) -> bytes:
+    memory = vp.partition.memory
+    assert memory is not None
+    return memory.read(BUFFER, size)
+
+
+async def identify(vp: FakeVP, device: int = 0xA0, how: str = "rep insw") -> list[int]:
     await issue(vp, 0xEC, device=device, count=0)
-    data = await read_block(vp, width=width)
+    data = await read_block(vp, how=how)
     return [int.from_bytes(data[i : i + 2], "little") for i in range(0, SECTOR_SIZE, 2)]
 
 
@@ -151,9 +188,30 @@ async def test_identify_protocol_status_and_interrupt(fake_vp: FakeVP, irqs: Irq
     assert irqs.rising_edges(14) == 1
 
 
-async def test_identify_with_32_bit_data_reads(fake_vp: FakeVP) -> None:
-    """The data port at both widths: a 32-bit IN moves two words, low word first (PIIX: two 16-bit cycles)."""
-    assert await identify(fake_vp, width=4) == await identify(fake_vp, width=2)
+@pytest.mark.parametrize("how", ["inw", "inl", "rep insl"])
+async def test_data_port_widths_and_string_io(fake_vp: FakeVP, how: str) -> None:
+    """The data port at both widths, element by element and as REP INS: a 32-bit access moves two words,
+    low word first (PIIX: two 16-bit cycles); every way reads the same IDENTIFY data as ``rep insw``."""
+    assert await identify(fake_vp, how=how) == await identify(fake_vp)
+
+
+async def test_string_io_reaches_the_bulk_handler(router: Router, channel: AtaChannel, fake_vp: FakeVP) -> None:
+    """``rep insw`` of a whole sector is one call of the bulk handler for all 256 words (the per-element
+    handler is not used), and ``rep outsw`` likewise; a chunk may span DRQ blocks."""
+    claim = router.bulk_read_table[DATA]
+    assert claim is router.bulk_write_table[DATA] and claim.handler == channel.data_bulk
+    sizes: list[int] = []
+    read_data = channel._read_data
+
+    def spy(size: int) -> bytes:
+        sizes.append(size)
+        return read_data(size)
+
+    channel._read_data = spy  # type: ignore[method-assign]
+    await issue(fake_vp, 0x20, lba=40, count=2)
+    assert await read_block(fake_vp, 2 * SECTOR_SIZE) == pattern(40) + pattern(41)
+    assert sizes == [2 * SECTOR_SIZE]
+    assert await fake_vp.inb(STATUS) == DRDY | DSC
 
 
 async def test_identify_packet_device_is_aborted(fake_vp: FakeVP, irqs: IrqRecorder) -> None:
@@ -228,9 +286,9 @@ async def test_write_sectors_data_out_protocol(disk: AtaDisk, fake_vp: FakeVP, i
     block is followed by an interrupt, the last with DRQ clear."""
     await issue(fake_vp, 0x30, lba=7, count=2)
     assert not irqs.level(14)
-    await write_block(fake_vp, b"\x11" * SECTOR_SIZE, width=2)
+    await write_block(fake_vp, b"\x11" * SECTOR_SIZE, how="outw")
     assert irqs.level(14) and await fake_vp.inb(STATUS) == DRDY | DSC | DRQ
-    await write_block(fake_vp, b"\x22" * SECTOR_SIZE, width=4)
+    await write_block(fake_vp, b"\x22" * SECTOR_SIZE, how="rep outsl")
     assert irqs.level(14) and await fake_vp.inb(STATUS) == DRDY | DSC
     assert disk.read(7, 2) == b"\x11" * SECTOR_SIZE + b"\x22" * SECTOR_SIZE
     assert disk.read(9, 1) == pattern(9)
@@ -276,13 +334,11 @@ async def test_48_bit_commands_on_a_disk_past_lba28(tmp_path: pathlib.Path) -> N
     sectors = (1 << 28) + 64
     with path.open("wb") as f:
         f.truncate(sectors * SECTOR_SIZE)
-    from transports.testing import FakePartition
-
     with AtaDisk(path) as disk:
         router = Router()
         router.include(AtaChannel(disk))
-        async with FakePartition(router) as partition:
-            vp = partition.vp(0)
+        async with partition(router) as running:
+            vp = running.vp(0)
             words = await identify(vp)
             assert words[60] | words[61] << 16 == 0x0FFF_FFFF
             assert sum(words[100 + i] << 16 * i for i in range(4)) == sectors
@@ -372,12 +428,10 @@ async def test_absent_device_1_reads_zero_status(fake_vp: FakeVP, irqs: IrqRecor
 async def test_two_devices_share_the_task_file() -> None:
     """Both devices present: DEV selects whose Status, data and IDENTIFY the host sees; word 93 of device 0
     shows device 1 detected (bits 5:4), device 1's reports its own result in bits 12:8."""
-    from transports.testing import FakePartition
-
     router = Router()
     router.include(AtaChannel([AtaDisk(image(64), model="ZERO"), AtaDisk(image(128), model="ONE")]))
-    async with FakePartition(router) as partition:
-        vp = partition.vp(0)
+    async with partition(router) as running:
+        vp = running.vp(0)
         zero, one = await identify(vp, 0xA0), await identify(vp, 0xB0)
         assert ata_string(zero[27:47]) == "ZERO" and ata_string(one[27:47]) == "ONE"
         assert zero[93] & 0x0070 == 0x0030 and one[93] & 0x1F00 == 0x0B00
@@ -478,12 +532,10 @@ async def test_wide_access_to_the_8_bit_registers(fake_vp: FakeVP) -> None:
 
 async def test_read_only_disk_aborts_writes() -> None:
     """A write command to read-only media is aborted before any data moves."""
-    from transports.testing import FakePartition
-
     router = Router()
     router.include(AtaChannel(AtaDisk(image(64), read_only=True)))
-    async with FakePartition(router) as partition:
-        vp = partition.vp(0)
+    async with partition(router) as running:
+        vp = running.vp(0)
         await issue(vp, 0x30, lba=1, count=1)
         assert await vp.inb(STATUS) == DRDY | ERR and await vp.inb(ERROR) == ABRT
 

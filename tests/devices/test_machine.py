@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher import IrqRecorder, Router
+from dispatcher import BufferMemory, IrqRecorder, Router
 from examples.machine import PC, build_pc
 from transports.testing import CpuMode, FakePartition, FakeVP
 
@@ -126,7 +126,12 @@ async def ata_detect(vp: FakeVP, base: int, ctrl: int) -> str | None:
             assert status & 0x01 and await vp.inb(base + 1) == 0x04
             continue
         assert status & 0x58 == 0x58
-        words = [await vp.inw(base) for _ in range(256)]
+        vp.rdi, vp.rcx = 0x7000, 256  # insw_fl: rep insw into a stack buffer
+        await vp.insw(base, rep=True)
+        memory = vp.partition.memory
+        assert memory is not None and vp.rcx == 0
+        raw = memory.read(0x7000, 512)
+        words = [int.from_bytes(raw[i : i + 2], "little") for i in range(0, 512, 2)]
         assert await vp.inb(base + 7) & 0x89 == 0  # BSY, DRQ, ERR clear afterwards
         await vp.outb(ctrl, 0x08)
         assert words[93] & 0xDF61 == 0x4041  # device 1 absent: SeaBIOS skips it
@@ -136,7 +141,8 @@ async def ata_detect(vp: FakeVP, base: int, ctrl: int) -> str | None:
 
 async def test_seabios_port_sequence(pc: PC, events: Events) -> None:
     """The SeaBIOS probe, in boot order, with no error completion and the answers a PC gives."""
-    async with FakePartition(pc.router, mode=CpuMode.PROTECTED) as partition:
+    ram = BufferMemory([(0, bytearray(0x10000))])
+    async with FakePartition(pc.router, mode=CpuMode.PROTECTED, memory=ram) as partition:
         vp = partition.vp(0)
         # CMOS: shutdown status, then the memory size SeaBIOS computes RAM from without fw_cfg.
         assert await cmos(vp, 0x0F) == 0
