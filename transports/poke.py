@@ -14,15 +14,16 @@ a usage error.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 import anyio
 
-from dispatcher import DispatchError, Status
+from dispatcher import Completion, DispatchError, PortRange, Status
 
 from .client import ServiceClient, io_intercept
-from .unix import connect_unix, default_socket_path
+from .unix import UnixTransport, connect_unix, default_socket_path
 
 __all__ = ["main"]
 
@@ -54,6 +55,22 @@ def _fail(message: str, status: int) -> int:
     return status
 
 
+async def _talk(transport: UnixTransport, args: argparse.Namespace) -> tuple[list[PortRange], Completion | None]:
+    async with ServiceClient(transport, announce_timeout=args.timeout) as client:
+        if args.access == "ports":
+            return client.ports, None
+        frame = io_intercept(
+            args.port,
+            _SIZES[args.access[-1]],
+            write=args.access.startswith("out"),
+            value=args.value or 0,
+            vp=args.vp,
+            partition=args.partition,
+        )
+        with anyio.fail_after(args.timeout):
+            return client.ports, await client.exchange(frame)
+
+
 async def _poke(args: argparse.Namespace, path: str) -> int:
     try:
         with anyio.fail_after(args.timeout):
@@ -61,30 +78,24 @@ async def _poke(args: argparse.Namespace, path: str) -> int:
     except (OSError, TimeoutError) as error:
         return _fail(f"no service at {path}: {getattr(error, 'strerror', None) or error}", UNREACHABLE)
     try:
-        async with ServiceClient(transport, announce_timeout=args.timeout) as client:
-            if args.access == "ports":
-                for r in client.ports:
-                    print(f"{r.first:#06x}-{r.last:#06x} {'r' if r.access & 1 else '-'}{'w' if r.access & 2 else '-'}")
-                return 0
-            size = _SIZES[args.access[-1]]
-            write = args.access.startswith("out")
-            frame = io_intercept(
-                args.port, size, write=write, value=args.value or 0, vp=args.vp, partition=args.partition
-            )
-            with anyio.fail_after(args.timeout):
-                completion = await client.exchange(frame)
-            if not any(r.first <= args.port <= r.last for r in client.ports):
-                print(f"poke: note: the service does not claim port {args.port:#x}", file=sys.stderr)
+        ports, completion = await _talk(transport, args)
     except TimeoutError:
         return _fail(f"the service at {path} did not answer within {args.timeout} s", UNREACHABLE)
     except DispatchError as error:
         return _fail(f"the service at {path}: {error}", UNREACHABLE)
+    if completion is None:
+        for r in ports:
+            print(f"{r.first:#06x}-{r.last:#06x} {'r' if r.access & 1 else '-'}{'w' if r.access & 2 else '-'}")
+        return 0
+    if not any(r.first <= args.port <= r.last for r in ports):
+        print(f"poke: note: the service does not claim port {args.port:#x}", file=sys.stderr)
     if completion.status is not Status.COMPLETED:
         return _fail(
             f"port {args.port:#x}: the service answered {completion.status.name} (detail {completion.detail:#x})",
             ERROR_REPLY,
         )
-    if not write:
+    if args.access.startswith("in"):
+        size = _SIZES[args.access[-1]]
         print(f"{completion.rax & (1 << 8 * size) - 1:#0{2 + 2 * size}x}")
     return 0
 
@@ -100,5 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("outb/outw/outl take a value; inb/inw/inl do not")
     elif args.port is not None:
         parser.error("ports takes no arguments")
-    result: int = anyio.run(_poke, args, args.socket or default_socket_path())
+    try:
+        result: int = anyio.run(_poke, args, args.socket or default_socket_path())
+    except BrokenPipeError:
+        # Whoever read our output has gone (``poke ports | head -1``): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return result

@@ -44,14 +44,15 @@ log = logging.getLogger("dispatcher.service")
 def default_devices() -> Router:
     """The embedded default device set, served when no ``--device`` is given.
 
-    For now the example 16550 UART as COM1 (0x3F8-0x3FF); what it transmits
-    is logged line by line.
+    The example PC of :func:`examples.machine.build_pc` without a disk: the
+    PICs, PIT and port 0x61, RTC/CMOS, COM1, the i8042, port 0x92, PCI
+    configuration with an i440FX host bridge, POST codes, the debug console
+    and isa-debug-exit; every other port is unclaimed. What COM1 and the
+    debug console print is logged line by line.
     """
-    from examples.uart import Uart16550
+    from examples.machine import build_pc
 
-    router = Router()
-    router.include(Uart16550(sink=_LineLogger("COM1")))
-    return router
+    return build_pc(serial_sink=_LineLogger("COM1"), debug_sink=_LineLogger("debugcon")).router
 
 
 class _LineLogger:
@@ -75,8 +76,9 @@ def load_devices(specs: Sequence[str]) -> Router:
 
     A spec is ``module:attribute`` (the attribute may be dotted) or just
     ``module``. It may name a :class:`~dispatcher.Router` (its claims are
-    copied), a device object or module with ``@on_port`` handlers, or a class
-    or function called without arguments to make either. Raises
+    copied), an object whose ``router`` attribute is one (a machine
+    composition), a device object or module with ``@on_port`` handlers, or a
+    class or function called without arguments to make any of these. Raises
     ``ValueError`` naming the spec when it cannot be loaded, and
     :class:`~dispatcher.OverlappingClaimError` when two devices claim a port.
     """
@@ -88,6 +90,7 @@ def load_devices(specs: Sequence[str]) -> Router:
                 target = target()
             except Exception as error:
                 raise ValueError(f"device {spec!r}: calling it failed: {error!r}") from error
+        target = getattr(target, "router", target)  # e.g. a machine composition holding its router
         if isinstance(target, Router):
             router.include(target)
         elif not router.include(target):
@@ -341,6 +344,10 @@ async def run(config: ServiceConfig, router: Router) -> int:
     return 1 if service.forced else 0
 
 
+def _octal(text: str) -> int:
+    return int(text, 8)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="intercept-dispatch serve",
@@ -362,9 +369,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="serve one VMM on stdin/stdout instead (for a VMM that spawns the service)",
     )
-    parser.add_argument(
-        "--mode", type=lambda text: int(text, 8), metavar="OCTAL", help="permissions of the socket file (default 0600)"
-    )
+    parser.add_argument("--mode", type=_octal, metavar="OCTAL", help="permissions of the socket file (default 0600)")
     parser.add_argument(
         "--allow-uid",
         action="append",

@@ -11,8 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
-from service_devices import SCRATCH, SLOW
+from service_devices import GATE, SCRATCH, SLOW
 from service_helpers import HERE, SERVE_ARGS, ServiceProcess, intercept, serve_command
 
 from dispatcher import Status, TransportClosedError, decode_completion
@@ -40,6 +41,40 @@ async def test_sigterm_finishes_the_intercepts_in_flight(tmp_path: Path, anyio_b
     assert service.wait() == 0, service.log
     assert "SIGTERM: stopping" in service.log
     assert not (tmp_path / "s.sock").exists()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_stuck_handler_is_cut_off_after_the_grace_period(tmp_path: Path) -> None:
+    service = ServiceProcess(tmp_path, *SERVE_ARGS, "--grace", "0.2", socket=tmp_path / "s.sock")
+    async with connect(tmp_path / "s.sock") as client, anyio.create_task_group() as tg:
+
+        async def stuck_vp() -> None:
+            with pytest.raises(TransportClosedError):
+                await client.exchange(intercept(GATE))  # nobody opens the gate
+
+        tg.start_soon(stuck_vp)
+        await anyio.wait_all_tasks_blocked()
+        service.signal(signal.SIGTERM)
+    assert service.wait() == 0
+    assert "closed with intercepts unanswered after the 0.2 s grace period" in service.log
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
+    service = ServiceProcess(tmp_path, *SERVE_ARGS, socket=tmp_path / "s.sock")
+    async with connect(tmp_path / "s.sock") as client, anyio.create_task_group() as tg:
+
+        async def stuck_vp() -> None:
+            with pytest.raises(TransportClosedError):
+                await client.exchange(intercept(GATE))
+
+        tg.start_soon(stuck_vp)
+        await anyio.wait_all_tasks_blocked()
+        service.signal(signal.SIGINT)
+        service.wait_for_log("SIGINT: stopping")
+        service.signal(signal.SIGINT)
+    assert service.wait() == 1
+    assert "SIGINT again: exiting without waiting" in service.log
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the checks run before any event-loop code differs
