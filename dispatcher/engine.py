@@ -298,7 +298,9 @@ class Engine:
         """
         out: list[bytes] = []
         if job.string is not None:
-            out.append(self._finish_string(job.string, job.steps, results or [], status, error))
+            steps = job.steps  # one element's steps repeated, or one bulk step
+            template = steps if isinstance(steps[0].claim, BulkClaim) else steps[: len(steps) // job.string.count]
+            out.append(self._finish_string(job.string, template, results or [], status, error))
         elif status is Status.COMPLETED and results is not None:
             out.append(self._complete(job.partition, job.vp_index, job.port, job.access_info, job.is_write,
                                       job.rax, job.next_rip, job.steps, results))
@@ -491,30 +493,30 @@ class Engine:
         out.append(self._finish_string(plan, template, results, status, error))
         return None
 
-    def _finish_string(self, plan: StringPlan, steps: list[Step], results: list[object], status: Status,
+    def _finish_string(self, plan: StringPlan, template: list[Step], results: list[object], status: Status,
                        error: BaseException | None) -> bytes:
         # A handler that fails leaves the elements before it as they came; the
         # rest read all ones (or are dropped), as do all after a deadline, whose
         # results are discarded. Either way the chunk completes.
         stats = self.stats
         size, count = plan.size, plan.count
-        first = steps[0]
-        per_element = 0 if isinstance(first.claim, BulkClaim) else len(steps) // count
-        unclaimed = count * sum(step.claim is None for step in steps[:per_element])
-        if plan.is_write:
-            stats.unclaimed_writes += unclaimed
-        else:
-            stats.unclaimed_reads += unclaimed
+        if not isinstance(template[0].claim, BulkClaim):
+            unclaimed = count * sum(step.claim is None for step in template)
+            if plan.is_write:
+                stats.unclaimed_writes += unclaimed
+            else:
+                stats.unclaimed_reads += unclaimed
+        if not plan.is_write:
             data = b""
             if status is not Status.DEADLINE_EXCEEDED:
                 try:
-                    data = _read_data(steps[:per_element] or steps, results, size, count, status)
+                    data = _read_data(template, results, size, count, status)
                 except (TypeError, ValueError) as exc:
                     status, error = Status.HANDLER_FAILED, exc
             scatter(plan, data + b"\xff" * (count * size - len(data)))
         if status is not Status.COMPLETED:
             self._note_failure(plan.partition, plan.vp_index, plan.port, plan.access_info, plan.is_write, status,
-                               error, steps[:1] if per_element == 0 else steps[:per_element])
+                               error, template)
         return plan.completion(status)
 
     def _reject(self, frame: bytes, out: list[bytes]) -> None:

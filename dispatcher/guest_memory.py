@@ -156,6 +156,8 @@ class BufferMemory(GuestMemory):
         return pieces
 
     def check(self, address: int, length: int, *, write: bool = False) -> int:
+        if length <= 0:
+            return 0
         # The common case inline: the whole range inside one region.
         index = bisect_right(self._starts, address) - 1
         if index >= 0 <= address:
