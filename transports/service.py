@@ -76,9 +76,8 @@ def load_devices(specs: Sequence[str]) -> Router:
 
     A spec is ``module:attribute`` (the attribute may be dotted) or just
     ``module``. It may name a :class:`~dispatcher.Router` (its claims are
-    copied), an object whose ``router`` attribute is one (a machine
-    composition), a device object or module with ``@on_port`` handlers, or a
-    class or function called without arguments to make any of these. Raises
+    copied), a device object or module with ``@on_port`` handlers, or a class
+    or function called without arguments to make either. Raises
     ``ValueError`` naming the spec when it cannot be loaded, and
     :class:`~dispatcher.OverlappingClaimError` when two devices claim a port.
     """
@@ -90,7 +89,6 @@ def load_devices(specs: Sequence[str]) -> Router:
                 target = target()
             except Exception as error:
                 raise ValueError(f"device {spec!r}: calling it failed: {error!r}") from error
-        target = getattr(target, "router", target)  # e.g. a machine composition holding its router
         if isinstance(target, Router):
             router.include(target)
         elif not router.include(target):
@@ -344,10 +342,6 @@ async def run(config: ServiceConfig, router: Router) -> int:
     return 1 if service.forced else 0
 
 
-def _octal(text: str) -> int:
-    return int(text, 8)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="intercept-dispatch serve",
@@ -369,7 +363,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="serve one VMM on stdin/stdout instead (for a VMM that spawns the service)",
     )
-    parser.add_argument("--mode", type=_octal, metavar="OCTAL", help="permissions of the socket file (default 0600)")
+    parser.add_argument(
+        "--mode", type=lambda text: int(text, 8), metavar="OCTAL", help="permissions of the socket file (default 0600)"
+    )
     parser.add_argument(
         "--allow-uid",
         action="append",
