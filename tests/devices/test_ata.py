@@ -30,8 +30,12 @@ def pattern(lba: int) -> bytes:
     return (lba.to_bytes(4, "little") + bytes(range(4, 16))) * (SECTOR_SIZE // 16)
 
 
+_TEMPLATE = b"".join(pattern(lba) for lba in range(SECTORS))
+
+
 def image(sectors: int = SECTORS) -> bytearray:
-    return bytearray(b"".join(pattern(lba) for lba in range(sectors)))
+    """A disk whose sector ``lba`` holds ``pattern(lba)``."""
+    return bytearray(_TEMPLATE[: sectors * SECTOR_SIZE])
 
 
 @pytest.fixture

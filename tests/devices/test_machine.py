@@ -291,8 +291,8 @@ async def test_unclaimed_ports_read_all_ones(fake_vp: FakeVP) -> None:
 def test_claims_and_memory_fields() -> None:
     """build_pc's port map, and the CMOS memory fields for RAM above 4 GiB (QEMU's 3 GiB low-memory split)."""
     pc = build_pc(memory_size=5 << 30, exit_port=0xF4)
-    claimed = [0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1, *range(0x40, 0x44), 0x61, 0x60, 0x64, 0x70, 0x71, 0x80, 0x92]
-    claimed += [*range(0x3F8, 0x400), 0x402, 0xE9, *range(0xF4, 0xF8), *range(0xCF8, 0xD00)]
+    claimed = {0x20, 0x21, 0xA0, 0xA1, 0x4D0, 0x4D1, *range(0x40, 0x44), 0x61, 0x60, 0x64, 0x70, 0x71, 0x80, 0x92}
+    claimed |= {*range(0x3F8, 0x400), 0x402, 0xE9, *range(0xF4, 0xF8), *range(0xCF8, 0xD00)}
     assert all(pc.router.lookup(port, write=True) is not None for port in claimed)
     others = [p for p in range(0x10000) if p not in claimed]
     assert all(pc.router.lookup(p, write=True) is None and pc.router.lookup(p, write=False) is None for p in others)
