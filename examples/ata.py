@@ -203,7 +203,7 @@ class AtaChannel:
         if len(self.drives) == 1:
             self.drives.append(None)
         self.features = self.count = self.lba_low = self.lba_mid = self.lba_high = 0
-        self.hob_features = self.hob_count = self.hob_lba_low = self.hob_lba_mid = self.hob_lba_high = 0
+        self.hob_count = self.hob_lba_low = self.hob_lba_mid = self.hob_lba_high = 0
         self.device = 0
         self.control = 0
         self._signature()
@@ -228,7 +228,8 @@ class AtaChannel:
         return BSY if self.control & SRST else drive.status
 
     def _signature(self) -> None:
-        # ATA/ATAPI-6, 9.12: after a reset or diagnostic, an ATA device's registers hold 01h, 01h, 00h, 00h, 00h.
+        # ATA/ATAPI-6, signature and persistence: after a reset or diagnostic an ATA device's Sector Count,
+        # LBA Low/Mid/High and Device registers hold 01h, 01h, 00h, 00h, 00h.
         self.count, self.lba_low, self.lba_mid, self.lba_high, self.device = 1, 1, 0, 0, 0
 
     @on_port(0, 8)
@@ -273,10 +274,10 @@ class AtaChannel:
         return self._status()
 
     def _write_register(self, offset: int, value: int) -> None:
-        # ATA/ATAPI-6, 7.8: a write to any command block register clears HOB.
+        # ATA/ATAPI-6, Device Control register: a write to any command block register clears HOB.
         self.control &= ~HOB
         if offset == 1:
-            self.hob_features, self.features = self.features, value
+            self.features = value
         elif offset == 2:
             self.hob_count, self.count = self.count, value
         elif offset == 3:
@@ -302,7 +303,7 @@ class AtaChannel:
                     drive.transfer = None
                     drive.interrupt = False
         elif old & SRST and not access.value & SRST:
-            # ATA/ATAPI-6, 9.2: software reset ends with the diagnostic code in Error and the signature.
+            # ATA/ATAPI-6, software reset protocol: the reset ends with the diagnostic code in Error and the signature.
             for drive in self.drives:
                 if drive is not None:
                     drive.status, drive.error = READY, 0x01
@@ -432,7 +433,8 @@ class AtaChannel:
         drive.interrupt = interrupt
 
     def _diagnostic(self) -> None:
-        # ATA/ATAPI-6, 8.11: every device runs it; device 0 reports 01h (device 1 passed or absent) and interrupts.
+        # ATA/ATAPI-6, EXECUTE DEVICE DIAGNOSTIC: every device runs it; device 0 reports 01h (device 1
+        # passed or absent) and interrupts.
         for drive in self.drives:
             if drive is not None:
                 drive.transfer = None
@@ -531,7 +533,7 @@ class AtaChannel:
         self._complete(drive)
 
     def _identify(self, drive: _Drive) -> bytes:
-        """The 256 IDENTIFY DEVICE words (ATA/ATAPI-6, 8.15)."""
+        """The 256 IDENTIFY DEVICE words (ATA/ATAPI-6, IDENTIFY DEVICE data)."""
         disk = drive.disk
         words = [0] * 256
         cylinders, heads, per_track = disk.geometry

@@ -192,8 +192,8 @@ class PciFunction:
 
 def i440fx_host_bridge() -> PciFunction:
     """The Intel 82441FX (440FX PMC) host bridge as QEMU's ``pc`` machine shows it: 8086:1237 rev 02, class 0600."""
-    # Intel 82441FX datasheet, 3.2: PCICMD resets to 0006h (memory space, bus master), PCISTS to 0280h
-    # (fast back-to-back capable, medium DEVSEL timing).
+    # Intel 82441FX datasheet: PCICMD resets to 0006h (memory space, bus master), PCISTS to 0280h (fast
+    # back-to-back capable, medium DEVSEL timing).
     return PciFunction(0x8086, 0x1237, class_code=0x060000, revision=0x02, command=0x0006, status=0x0280)
 
 

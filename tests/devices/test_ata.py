@@ -1,4 +1,4 @@
-"""ATA PIO disks on a channel, written from ATA/ATAPI-6 (T13 1410D): 7.x registers, 8.x commands, 9.x protocols.
+"""ATA PIO disks on a channel, written from ATA/ATAPI-6 (T13 1410D): its register, command and protocol clauses.
 
 Each test drives the channel through the fake VP with the port sequence a driver (SeaBIOS's ata.c among
 them) uses: select the device, load the task file, write the command, poll Status for DRQ, move the data.
@@ -143,7 +143,7 @@ def ata_string(words: list[int]) -> str:
 
 
 async def test_identify_device_words(fake_vp: FakeVP) -> None:
-    """ATA/ATAPI-6, 8.15 IDENTIFY DEVICE (table 27): words 1/3/6 default CHS, 10-19 serial, 23-26 firmware,
+    """ATA/ATAPI-6, IDENTIFY DEVICE (the identify data table): words 1/3/6 default CHS, 10-19 serial, 23-26 firmware,
     27-46 model (two characters a word, first in the high byte), 47 multiple max, 49 LBA, 53 validity,
     60-61 LBA28 capacity, 80 major version, 82-87 command sets, 93 reset result, 100-103 LBA48 capacity,
     255 integrity word."""
@@ -179,7 +179,7 @@ async def test_identify_reset_result_tells_seabios_device1_is_absent(fake_vp: Fa
 
 
 async def test_identify_protocol_status_and_interrupt(fake_vp: FakeVP, irqs: IrqRecorder) -> None:
-    """ATA/ATAPI-6, 9.7 PIO data-in: the device sets DRQ and asserts INTRQ when the block is ready; reading
+    """ATA/ATAPI-6, PIO data-in protocol: the device sets DRQ and asserts INTRQ when the block is ready; reading
     Status clears the interrupt; after the last word DRQ clears, with no further interrupt."""
     await issue(fake_vp, 0xEC, device=0xA0, count=0)
     assert irqs.level(14)
@@ -219,7 +219,7 @@ async def test_string_io_reaches_the_bulk_handler(router: Router, channel: AtaCh
 
 
 async def test_identify_packet_device_is_aborted(fake_vp: FakeVP, irqs: IrqRecorder) -> None:
-    """ATA/ATAPI-6, 8.16: IDENTIFY PACKET DEVICE on a device without the PACKET feature set is aborted
+    """ATA/ATAPI-6, IDENTIFY PACKET DEVICE: on a device without the PACKET feature set is aborted
     (ERR set, ABRT in Error) with an interrupt; SeaBIOS then tries IDENTIFY DEVICE."""
     await issue(fake_vp, 0xA1, device=0xA0, count=0)
     assert irqs.level(14)
@@ -230,7 +230,7 @@ async def test_identify_packet_device_is_aborted(fake_vp: FakeVP, irqs: IrqRecor
 
 
 async def test_read_sectors_lba28_one_block_per_sector(fake_vp: FakeVP, irqs: IrqRecorder) -> None:
-    """ATA/ATAPI-6, 8.27 READ SECTORS in LBA mode (Device bit 6): one DRQ block and one interrupt per sector."""
+    """ATA/ATAPI-6, READ SECTORS in LBA mode (Device bit 6): one DRQ block and one interrupt per sector."""
     await issue(fake_vp, 0x20, lba=1000, count=3)
     data = b""
     for _ in range(3):
@@ -244,7 +244,7 @@ async def test_read_sectors_lba28_one_block_per_sector(fake_vp: FakeVP, irqs: Ir
 
 
 async def test_read_sectors_count_zero_means_256(disk: AtaDisk, fake_vp: FakeVP) -> None:
-    """ATA/ATAPI-6, 8.27: a Sector Count of 0 transfers 256 sectors (checked here by the range it needs)."""
+    """ATA/ATAPI-6, READ SECTORS: a Sector Count of 0 transfers 256 sectors (checked here by the range it needs)."""
     await issue(fake_vp, 0x20, lba=SECTORS - 255, count=0)
     assert await fake_vp.inb(STATUS) == DRDY | ERR
     assert await fake_vp.inb(ERROR) == IDNF
@@ -253,7 +253,7 @@ async def test_read_sectors_count_zero_means_256(disk: AtaDisk, fake_vp: FakeVP)
 
 
 async def test_read_sectors_chs(fake_vp: FakeVP) -> None:
-    """ATA/ATAPI-6, 6.2 CHS addressing (Device bit 6 clear): LBA = (C * heads + H) * sectors + S - 1."""
+    """ATA/ATAPI-6, CHS addressing (Device bit 6 clear): LBA = (C * heads + H) * sectors + S - 1."""
     cylinder, head, sector = 1, 2, 5
     await fake_vp.outb(DEVICE, 0xA0 | head)
     await fake_vp.outb(COUNT, 1)
@@ -266,7 +266,7 @@ async def test_read_sectors_chs(fake_vp: FakeVP) -> None:
 
 @pytest.mark.parametrize(("cylinder", "head", "sector"), [(4, 0, 1), (0, 0, 0), (0, 0, 64)])
 async def test_chs_outside_the_geometry_is_idnf(fake_vp: FakeVP, cylinder: int, head: int, sector: int) -> None:
-    """ATA/ATAPI-6, 8.27 error outputs: IDNF when the address is not on the media (cylinder past the last,
+    """ATA/ATAPI-6, READ SECTORS error outputs: IDNF when the address is not on the media (cylinder past the last,
     sector 0, sector past the track)."""
     await fake_vp.outb(DEVICE, 0xA0 | head)
     await fake_vp.outb(LBA_LOW, sector)
@@ -278,7 +278,7 @@ async def test_chs_outside_the_geometry_is_idnf(fake_vp: FakeVP, cylinder: int, 
 
 
 async def test_lba_past_the_end_is_idnf(fake_vp: FakeVP, irqs: IrqRecorder) -> None:
-    """ATA/ATAPI-6, 8.27: IDNF when a requested sector is past the last user-addressable one."""
+    """ATA/ATAPI-6, READ SECTORS error outputs: IDNF when a requested sector is past the last user-addressable one."""
     await issue(fake_vp, 0x20, lba=SECTORS - 1, count=2)
     assert irqs.level(14)
     assert await fake_vp.inb(STATUS) == DRDY | ERR
@@ -286,7 +286,7 @@ async def test_lba_past_the_end_is_idnf(fake_vp: FakeVP, irqs: IrqRecorder) -> N
 
 
 async def test_write_sectors_data_out_protocol(disk: AtaDisk, fake_vp: FakeVP, irqs: IrqRecorder) -> None:
-    """ATA/ATAPI-6, 9.8 PIO data-out: DRQ is set for the first block without an interrupt; each written
+    """ATA/ATAPI-6, PIO data-out protocol: DRQ is set for the first block without an interrupt; each written
     block is followed by an interrupt, the last with DRQ clear."""
     await issue(fake_vp, 0x30, lba=7, count=2)
     assert not irqs.level(14)
@@ -299,7 +299,7 @@ async def test_write_sectors_data_out_protocol(disk: AtaDisk, fake_vp: FakeVP, i
 
 
 async def test_read_and_write_multiple(fake_vp: FakeVP, irqs: IrqRecorder, disk: AtaDisk) -> None:
-    """ATA/ATAPI-6, 8.28 READ MULTIPLE / 8.47 WRITE MULTIPLE: aborted until SET MULTIPLE MODE (8.39) enables
+    """ATA/ATAPI-6, READ MULTIPLE / WRITE MULTIPLE: aborted until SET MULTIPLE MODE enables
     them; then DRQ blocks hold the multiple count, the last block the rest; word 59 shows the setting."""
     await issue(fake_vp, 0xC4, lba=0, count=6)
     assert await fake_vp.inb(STATUS) == DRDY | ERR and await fake_vp.inb(ERROR) == ABRT
@@ -324,14 +324,14 @@ async def test_read_and_write_multiple(fake_vp: FakeVP, irqs: IrqRecorder, disk:
 
 @pytest.mark.parametrize("count", [3, 32])
 async def test_set_multiple_rejects_unsupported_counts(fake_vp: FakeVP, count: int) -> None:
-    """ATA/ATAPI-6, 8.39 SET MULTIPLE MODE: a count that is not a power of two up to word 47's maximum aborts."""
+    """ATA/ATAPI-6, SET MULTIPLE MODE: a count that is not a power of two up to word 47's maximum aborts."""
     await issue(fake_vp, 0xC6, count=count)
     assert await fake_vp.inb(STATUS) == DRDY | ERR
     assert await fake_vp.inb(ERROR) == ABRT
 
 
 async def test_48_bit_commands_on_a_disk_past_lba28(tmp_path: pathlib.Path) -> None:
-    """ATA/ATAPI-6, 6.20 48-bit Address feature set: READ/WRITE SECTORS EXT take the high-order bytes from the
+    """ATA/ATAPI-6, 48-bit Address feature set: READ/WRITE SECTORS EXT take the high-order bytes from the
     registers' previous contents; a disk past 2^28 sectors reports 0FFFFFFFh in words 60-61 and its full
     size in words 100-103. The image is a sparse file mapped into memory."""
     path = tmp_path / "big.img"
@@ -366,7 +366,7 @@ async def test_48_bit_commands_on_a_disk_past_lba28(tmp_path: pathlib.Path) -> N
 
 
 async def test_hob_reads_back_the_previous_register_contents(fake_vp: FakeVP) -> None:
-    """ATA/ATAPI-6, 7.8 Device Control HOB: with HOB set, Sector Count and the LBA registers read the
+    """ATA/ATAPI-6, Device Control register, HOB: with HOB set, Sector Count and the LBA registers read the
     previously written (high-order) byte; any command block register write clears HOB."""
     for port, values in ((COUNT, (0x12, 0x34)), (LBA_LOW, (0x56, 0x78)), (LBA_HIGH, (0x9A, 0xBC))):
         for value in values:
@@ -378,8 +378,8 @@ async def test_hob_reads_back_the_previous_register_contents(fake_vp: FakeVP) ->
 
 
 async def test_nien_masks_intrq(fake_vp: FakeVP, irqs: IrqRecorder) -> None:
-    """ATA/ATAPI-6, 7.8: with nIEN set the device releases INTRQ; clearing nIEN with an interrupt pending
-    asserts it again."""
+    """ATA/ATAPI-6, Device Control register: with nIEN set the device releases INTRQ; clearing nIEN with an
+    interrupt pending asserts it again."""
     await fake_vp.outb(CTRL, NIEN)
     await issue(fake_vp, 0xEC, device=0xA0)
     assert not irqs.level(14)
@@ -390,7 +390,7 @@ async def test_nien_masks_intrq(fake_vp: FakeVP, irqs: IrqRecorder) -> None:
 
 
 async def test_software_reset(fake_vp: FakeVP, irqs: IrqRecorder) -> None:
-    """ATA/ATAPI-6, 9.2 software reset: BSY while SRST is set; afterwards Status DRDY, Error 01h (diagnostic
+    """ATA/ATAPI-6, software reset protocol: BSY while SRST is set; afterwards Status DRDY, Error 01h (diagnostic
     passed) and the ATA signature (count 01h, LBA 01h/00h/00h, device 00h), with no interrupt."""
     await issue(fake_vp, 0x20, lba=3, count=2)
     await fake_vp.outb(CTRL, NIEN | SRST)
@@ -403,7 +403,7 @@ async def test_software_reset(fake_vp: FakeVP, irqs: IrqRecorder) -> None:
 
 
 async def test_execute_device_diagnostic(fake_vp: FakeVP, irqs: IrqRecorder) -> None:
-    """ATA/ATAPI-6, 8.11 EXECUTE DEVICE DIAGNOSTIC: Error 01h (device 0 passed, device 1 absent), the
+    """ATA/ATAPI-6, EXECUTE DEVICE DIAGNOSTIC: Error 01h (device 0 passed, device 1 absent), the
     signature in the task file, and an interrupt from device 0."""
     await fake_vp.outb(DEVICE, 0xB0)
     await fake_vp.outb(STATUS, 0x90)
@@ -445,7 +445,7 @@ async def test_two_devices_share_the_task_file() -> None:
 
 
 async def test_set_features(fake_vp: FakeVP) -> None:
-    """ATA/ATAPI-6, 8.40 SET FEATURES: 02h/82h enable/disable write cache (word 85 bit 5), AAh/55h read
+    """ATA/ATAPI-6, SET FEATURES: 02h/82h enable/disable write cache (word 85 bit 5), AAh/55h read
     look-ahead (bit 6), 03h set transfer mode (PIO modes accepted, DMA modes aborted: none supported),
     unknown subcommands aborted."""
     await issue(fake_vp, 0xEF, features=0x82)
@@ -464,7 +464,7 @@ async def test_set_features(fake_vp: FakeVP) -> None:
 
 
 async def test_initialize_device_parameters(fake_vp: FakeVP) -> None:
-    """ATA/ATAPI-6, 8.17 INITIALIZE DEVICE PARAMETERS: Sector Count gives sectors per track, Device bits 3:0
+    """ATA/ATAPI-6, INITIALIZE DEVICE PARAMETERS: Sector Count gives sectors per track, Device bits 3:0
     the heads less one; IDENTIFY words 54-58 report the current translation, CHS commands use it."""
     await issue(fake_vp, 0x91, count=32, device=0xA0 | 7)
     assert await fake_vp.inb(STATUS) == DRDY | DSC
@@ -479,9 +479,9 @@ async def test_initialize_device_parameters(fake_vp: FakeVP) -> None:
 
 
 async def test_non_data_commands_complete_with_an_interrupt(fake_vp: FakeVP, irqs: IrqRecorder) -> None:
-    """ATA/ATAPI-6 non-data protocol (9.9): READ VERIFY SECTORS (8.30), SEEK (8.38), RECALIBRATE, FLUSH
-    CACHE (8.13), IDLE IMMEDIATE (8.19), STANDBY IMMEDIATE (8.45) each end with DRDY, no DRQ, one interrupt;
-    CHECK POWER MODE (8.6) reports FFh (active or idle) in Sector Count."""
+    """ATA/ATAPI-6, non-data protocol: READ VERIFY SECTORS, SEEK, RECALIBRATE, FLUSH CACHE (EXT), IDLE
+    IMMEDIATE, STANDBY IMMEDIATE each end with DRDY, no DRQ, one interrupt; CHECK POWER MODE reports FFh
+    (active or idle) in Sector Count."""
     for command in (0x40, 0x70, 0x10, 0xE7, 0xEA, 0xE1, 0xE0):
         before = irqs.rising_edges(14)
         await issue(fake_vp, command, lba=5, count=2)
@@ -492,7 +492,7 @@ async def test_non_data_commands_complete_with_an_interrupt(fake_vp: FakeVP, irq
 
 
 async def test_read_native_max_address(fake_vp: FakeVP) -> None:
-    """ATA/ATAPI-6, 8.32 READ NATIVE MAX ADDRESS: the highest LBA in the LBA registers and Device bits 3:0."""
+    """ATA/ATAPI-6, READ NATIVE MAX ADDRESS: the highest LBA in the LBA registers and Device bits 3:0."""
     await issue(fake_vp, 0xF8, device=0xE0)
     assert await fake_vp.inb(STATUS) == DRDY | DSC
     top = [await fake_vp.inb(p) for p in (LBA_LOW, LBA_MID, LBA_HIGH, DEVICE)]
@@ -501,7 +501,7 @@ async def test_read_native_max_address(fake_vp: FakeVP) -> None:
 
 @pytest.mark.parametrize("command", [0x00, 0x08, 0xA0, 0xC8, 0xCA, 0xB0])
 async def test_unsupported_commands_abort(fake_vp: FakeVP, irqs: IrqRecorder, command: int) -> None:
-    """NOP (8.22: always aborts), DEVICE RESET and PACKET (packet devices only), READ/WRITE DMA (no DMA
+    """NOP (always aborts), DEVICE RESET and PACKET (packet devices only), READ/WRITE DMA (no DMA
     here) and SMART end with ERR and ABRT and an interrupt."""
     await issue(fake_vp, command)
     assert irqs.level(14)

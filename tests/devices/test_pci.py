@@ -66,7 +66,8 @@ async def write(vp: FakeVP, address: int, value: int, size: int = 4) -> None:
 
 
 async def test_host_bridge_identity(fake_vp: FakeVP) -> None:
-    """Intel 82441FX datasheet 3.2: VID 8086h, DID 1237h at 00:00.0, RID 02h, class 060000h (host bridge)."""
+    """Intel 82441FX datasheet, PCI configuration registers: VID 8086h, DID 1237h at 00:00.0, RID 02h,
+    class 060000h (host bridge)."""
     await fake_vp.outl(ADDR, 0x8000_0000)
     assert await fake_vp.inl(DATA) == 0x1237_8086
     assert await read(fake_vp, cfg(0, 0, 0, 0x08)) == 0x0600_0002
