@@ -299,7 +299,7 @@ class Engine:
         out: list[bytes] = []
         if job.string is not None:
             steps = job.steps  # one element's steps repeated, or one bulk step
-            template = steps if isinstance(steps[0].claim, BulkClaim) else steps[: len(steps) // job.string.count]
+            template = steps if isinstance(steps[0].claim, BulkClaim) else steps[: len(steps) // job.string.elements]
             out.append(self._finish_string(job.string, template, results or [], status, error))
         elif status is Status.COMPLETED and results is not None:
             out.append(self._complete(job.partition, job.vp_index, job.port, job.access_info, job.is_write,
@@ -460,7 +460,7 @@ class Engine:
                         plan.vp_index, plan.status.name, plan.reason)
             out.append(plan.completion)
             return None
-        port, is_write, size, count, vp, partition = (plan.port, plan.is_write, plan.size, plan.count, plan.vp_index,
+        port, is_write, size, count, vp, partition = (plan.port, plan.is_write, plan.size, plan.elements, plan.vp_index,
                                                       plan.partition)
         stats.port_counts[port] += 1
         if not count:
@@ -468,27 +468,51 @@ class Engine:
             return None
         router = self.router
         claim = (router.write_table if is_write else router.read_table)[port]
-        bulk = (router.bulk_write_table if is_write else router.bulk_read_table).get(port)
+        bulk = (router.bulk_write_table if is_write else router.bulk_read_table).get(port) if claim else None
         data = gather(plan) if is_write else b""
         template: list[Step]
-        if bulk is not None and claim is not None:
-            template = [Step(bulk, BulkAccess(port, size, count, is_write, data, port - bulk.first, vp, partition), 0)]
+        new = tuple.__new__  # skips the NamedTuples' Python-level __new__
+        deadline = self.deadline
+        if bulk is not None:
+            chunk = new(BulkAccess, (port, size, count, is_write, data, port - bulk.first, vp, partition))
+            template = [new(Step, (bulk, chunk, 0))]
+            is_async = bulk.is_async
+            if not is_async:
+                # The bulk fast path: one call moves the chunk.
+                started = self._clock() if deadline is not None else 0.0
+                try:
+                    result = bulk.handler(chunk)
+                    if not is_write:
+                        result = _bulk_data(result, count * size)
+                except Exception as exc:
+                    out.append(self._finish_string(plan, template, [], Status.HANDLER_FAILED, exc))
+                    return None
+                if deadline is not None and self._clock() - started > deadline:
+                    out.append(self._finish_string(plan, template, [], Status.DEADLINE_EXCEEDED, None))
+                    return None
+                if not is_write:
+                    scatter(plan, result)  # type: ignore[arg-type]
+                out.append(plan.completion())
+                return None
         elif claim is not None and claim.last >= port + size - 1 and size <= claim.max_size:
-            template = [Step(claim, PortAccess(port, size, is_write, 0, port - claim.first, vp, partition), 0)]
+            element = new(PortAccess, (port, size, is_write, 0, port - claim.first, vp, partition))
+            template = [new(Step, (claim, element, 0))]
+            is_async = claim.is_async
         else:
             template = self._split(port, size, is_write, 0, vp, partition)
-        if any(step.claim is not None and step.claim.is_async for step in template):
+            is_async = any(step.claim is not None and step.claim.is_async for step in template)
+        if is_async:
             self._waiting[key] = deque()
             steps = template if bulk is not None else _element_steps(template, count, data, size)
             return Job(key, steps, partition, vp, port, plan.access_info, is_write, plan.rax, plan.rip, plan)
         results: list[object] = []
         status, error = Status.COMPLETED, None
-        started = self._clock()
+        started = self._clock() if deadline is not None else 0.0
         try:
             _run_elements(template, count, data, size, results)
         except Exception as exc:
             status, error = Status.HANDLER_FAILED, exc
-        if status is Status.COMPLETED and self.deadline is not None and self._clock() - started > self.deadline:
+        if status is Status.COMPLETED and deadline is not None and self._clock() - started > deadline:
             status = Status.DEADLINE_EXCEEDED
         out.append(self._finish_string(plan, template, results, status, error))
         return None
@@ -499,7 +523,7 @@ class Engine:
         # rest read all ones (or are dropped), as do all after a deadline, whose
         # results are discarded. Either way the chunk completes.
         stats = self.stats
-        size, count = plan.size, plan.count
+        size, count = plan.size, plan.elements
         if not isinstance(template[0].claim, BulkClaim):
             unclaimed = count * sum(step.claim is None for step in template)
             if plan.is_write:
@@ -513,7 +537,8 @@ class Engine:
                     data = _read_data(template, results, size, count, status)
                 except (TypeError, ValueError) as exc:
                     status, error = Status.HANDLER_FAILED, exc
-            scatter(plan, data + b"\xff" * (count * size - len(data)))
+            missing = count * size - len(data)
+            scatter(plan, data + b"\xff" * missing if missing else data)
         if status is not Status.COMPLETED:
             self._note_failure(plan.partition, plan.vp_index, plan.port, plan.access_info, plan.is_write, status,
                                error, template)
@@ -554,15 +579,27 @@ def _element_steps(template: list[Step], count: int, data: bytes, size: int) -> 
     ]
 
 
+def _bulk_data(result: object, length: int) -> bytes:
+    # What a bulk read handler returned, checked to be the bytes of the chunk.
+    if type(result) is bytes:
+        data = result
+    elif isinstance(result, (bytearray, memoryview)):
+        data = bytes(result)
+    else:
+        raise TypeError(f"a bulk read handler returned {type(result).__name__}, not bytes")
+    if len(data) != length:
+        raise ValueError(f"a bulk read handler returned {len(data)} bytes, not {length}")
+    return data
+
+
 def _run_elements(template: list[Step], count: int, data: bytes, size: int, results: list[object]) -> None:
-    # Call the synchronous handlers of a string chunk, appending each result
-    # as it returns: if one raises, ``results`` holds the calls before it.
+    # Call the synchronous handlers of a string chunk's elements, appending
+    # each result as it returns: if one raises, ``results`` holds the calls
+    # before it.
     append = results.append
     first = template[0]
-    claim = first.claim
-    if isinstance(claim, BulkClaim):
-        append(claim.handler(cast(BulkAccess, first.access)))
-    elif len(template) > 1:
+    claim = cast("Claim | None", first.claim)
+    if len(template) > 1:
         for step in _element_steps(template, count, data, size):
             append(call_step(step))
     elif claim is None:
@@ -582,15 +619,7 @@ def _read_data(template: list[Step], results: list[object], size: int, count: in
     # The bytes an INS chunk read, for the elements whose calls all returned.
     first = template[0]
     if isinstance(first.claim, BulkClaim):
-        if status is not Status.COMPLETED:
-            return b""
-        result = results[0]
-        if not isinstance(result, (bytes, bytearray, memoryview)):
-            raise TypeError(f"a bulk read handler returned {type(result).__name__}, not bytes")
-        data = bytes(result)
-        if len(data) != count * size:
-            raise ValueError(f"a bulk read handler returned {len(data)} bytes for {count} x {size}")
-        return data
+        return _bulk_data(results[0], count * size) if status is Status.COMPLETED else b""
     if len(template) == 1:
         return b"" if first.claim is None else pack_elements(results, size)
     values: list[object] = []

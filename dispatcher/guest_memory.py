@@ -168,6 +168,12 @@ class BufferMemory(GuestMemory):
         return pieces if isinstance(pieces, int) else 0
 
     def read(self, address: int, length: int) -> bytes:
+        # The common case inline: the whole range inside one region.
+        index = bisect_right(self._starts, address) - 1
+        if index >= 0 <= address < length + address:
+            start, end, buffer, _ = self._entries[index]
+            if address + length <= end:
+                return bytes(buffer[address - start : address - start + length])
         if length <= 0:
             if length < 0:
                 raise GuestMemoryError("negative length", address=address, length=length)
@@ -186,6 +192,12 @@ class BufferMemory(GuestMemory):
         length = len(data)
         if not length:
             return
+        index = bisect_right(self._starts, address) - 1
+        if index >= 0 <= address:
+            start, end, buffer, writable = self._entries[index]
+            if address + length <= end and writable:
+                buffer[address - start : address - start + length] = data  # type: ignore[index]
+                return
         pieces = self._pieces(address, length, True)
         if isinstance(pieces, int):
             reason = "read-only" if pieces == MemoryFault.READ_ONLY else "not backed by any region"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from .completion import COMPLETION, COMPLETION_SIZE, COMPLETION_STRUCT, PROTOCOL_VERSION, Registers, Status
@@ -32,7 +31,7 @@ from .errors import FieldValueError
 from .fields import SegmentRegister
 from .guest_memory import GuestMemory, MemoryFault
 from .message import HEADER_SIZE
-from .string_decode import Segment, code_size, decode_string_instruction
+from .string_decode import Segment, decode_string_instruction
 
 __all__ = [
     "DEFAULT_MAX_ELEMENTS",
@@ -75,18 +74,21 @@ def identity_translation(partition: int, vp_index: int, linear: int, write: bool
     return linear
 
 
-# The intercept's fields by offset: VP and state at 8, CS attributes to the
-# instruction bytes at 38, a segment register at 24 (CS), 88 (DS) or 104
-# (ES), and RCX, RSI, RDI at 120.
-_HEAD = struct.Struct("<QIBBH")
-_BODY = struct.Struct("<HQQHBB4xQ16s")
+# The intercept's fields from offset 8 (the segment registers skipped), a
+# segment register at 24 (CS), 88 (DS) or 104 (ES), and RCX, RSI, RDI at 120.
+_FIELDS = struct.Struct("<QIBBH14xHQQHBB4xQ16s32xQQQ")
 _SEGMENT = struct.Struct("<QIHH")
 _COUNTERS = struct.Struct("<QQQ")
-_SEGMENT_OFFSETS = {Segment.ES: 104, Segment.CS: 24, Segment.DS: 88}
+_IDS = struct.Struct("<QI")
+_ECHO = struct.Struct("<Q8xHB5xQ")
+_SEGMENT_OFFSETS = (104, 24, 0, 88, 0, 0)  # by segment number: ES, CS, DS are in the frame
+_new = tuple.__new__
 _PAYLOAD = COMPLETION_SIZE - HEADER_SIZE
 _pack = COMPLETION_STRUCT.pack
 _MASK64 = (1 << 64) - 1
 _DF, _VM, _AC = 1 << 10, 1 << 17, 1 << 18
+# Registers flags as plain ints: combining IntFlag members costs microseconds.
+_RIP, _RCX, _RSI, _RDI = int(Registers.RIP), int(Registers.RCX), int(Registers.RSI), int(Registers.RDI)
 
 
 class Refusal(NamedTuple):
@@ -101,14 +103,14 @@ class Refusal(NamedTuple):
     completion: bytes
 
 
-@dataclass(slots=True, eq=False)
-class StringPlan:
-    """What one string intercept does: ``count`` elements of ``size`` bytes through ``port``.
+class StringPlan(NamedTuple):
+    """What one string intercept does: ``elements`` elements of ``size`` bytes through ``port``.
 
     ``runs`` lists, in execution order, each stretch of elements that is
     contiguous in the offset space: its element count and the guest-physical
     pieces holding its bytes in ascending address order. With ``reverse``
-    (RFLAGS.DF) the elements of a run go from its top down.
+    (RFLAGS.DF) the elements of a run go from its top down. The register
+    fields are the values the completion sets, ``registers`` says which.
     """
 
     memory: GuestMemory
@@ -118,7 +120,7 @@ class StringPlan:
     access_info: int
     is_write: bool
     size: int
-    count: int
+    elements: int
     reverse: bool
     runs: list[tuple[int, list[tuple[int, int]]]]
     registers: int
@@ -131,10 +133,10 @@ class StringPlan:
     @property
     def done(self) -> bool:
         """True if this chunk finishes the instruction (the completion advances RIP)."""
-        return bool(self.registers & Registers.RIP)
+        return bool(self.registers & _RIP)
 
     def completion(self, status: Status = Status.COMPLETED, detail: int = 0) -> bytes:
-        """The completion frame for this chunk, having moved all ``count`` elements."""
+        """The completion frame for this chunk, having moved all its elements."""
         return _pack(COMPLETION, _PAYLOAD, 0, 0, 0, self.partition, self.vp_index, PROTOCOL_VERSION, status,
                      self.registers, self.rip, self.rax, self.rcx, self.rsi, self.rdi, self.port, self.access_info,
                      0, detail)  # fmt: skip
@@ -167,6 +169,9 @@ def unpack_elements(data: bytes, size: int) -> tuple[int, ...]:
 def gather(plan: StringPlan) -> bytes:
     """The bytes an OUTS chunk sends, in the order the elements go to the port."""
     read, size, reverse = plan.memory.read, plan.size, plan.reverse
+    runs = plan.runs
+    if len(runs) == 1 and len(runs[0][1]) == 1 and not reverse:
+        return read(*runs[0][1][0])
     parts = []
     for _, pieces in plan.runs:
         data = read(*pieces[0]) if len(pieces) == 1 else b"".join(read(a, n) for a, n in pieces)
@@ -177,9 +182,13 @@ def gather(plan: StringPlan) -> bytes:
 def scatter(plan: StringPlan, data: bytes) -> None:
     """Store an INS chunk's bytes, given in the order the elements came from the port."""
     write, size, reverse = plan.memory.write, plan.size, plan.reverse
+    runs = plan.runs
+    if len(runs) == 1 and len(runs[0][1]) == 1 and not reverse:
+        write(runs[0][1][0][0], data)
+        return
     position = 0
-    for count, pieces in plan.runs:
-        end = position + count * size
+    for elements, pieces in plan.runs:
+        end = position + elements * size
         part = data[position:end] if position or end != len(data) else data
         if reverse:
             part = _reverse_elements(part, size)
@@ -204,56 +213,45 @@ def plan_string(
     UNSUPPORTED (Detail: :class:`UnsupportedReason`), MEMORY_ERROR when the
     first element faults (Detail: :class:`~dispatcher.MemoryFault`).
     """
-    partition, vp, length_cr8, access_type, state = _HEAD.unpack_from(frame, 8)
-    cs_attributes, rip, rflags, port, access_info, byte_count, rax, instruction = _BODY.unpack_from(frame, 38)
-    rcx, rsi, rdi = _COUNTERS.unpack_from(frame, 120)
-
-    def refuse(status: Status, detail: int, reason: str) -> Refusal:
-        completion = _pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, status, 0, rip, rax, rcx,
-                           rsi, rdi, port, access_info, 0, detail)  # fmt: skip
-        return Refusal(status, detail, reason, partition, vp, port, completion)
-
-    code = code_size(state, cs_attributes)
+    (partition, vp, length_cr8, access_type, state, cs_attributes, rip, rflags, port, access_info, byte_count, rax,
+     instruction, rcx, rsi, rdi) = _FIELDS.unpack_from(frame, 8)  # fmt: skip
+    code = 64 if state & 0x10 and cs_attributes & 0x2000 else 32 if cs_attributes & 0x4000 else 16
     try:
-        ins = decode_string_instruction(instruction, byte_count, code)
+        _, length, is_write, size, address_size, segment, rep = decode_string_instruction(instruction, byte_count, code)
     except FieldValueError as error:
-        return refuse(Status.PROTOCOL_ERROR, error.offset, str(error))
-    if ins.is_write != (access_type == 1):
-        return refuse(Status.PROTOCOL_ERROR, 21, f"access type {access_type} contradicts opcode {ins.opcode:#x}")
-    if ins.element_size != access_info & 7 or ins.rep != bool(access_info & 0x10):
-        return refuse(Status.PROTOCOL_ERROR, 58, f"access info {access_info:#x} contradicts the instruction bytes")
-    if ins.length != length_cr8 & 0xF:
-        return refuse(Status.PROTOCOL_ERROR, 20, f"instruction length {length_cr8 & 0xF}, decoded {ins.length}")
+        return _refuse(frame, Status.PROTOCOL_ERROR, error.offset, str(error))
+    if is_write != (access_type == 1):
+        return _refuse(frame, Status.PROTOCOL_ERROR, 21, "the access type contradicts the opcode")
+    if size != access_info & 7 or rep != bool(access_info & 0x10):
+        return _refuse(frame, Status.PROTOCOL_ERROR, 58, "the access info contradicts the instruction bytes")
+    if length != length_cr8 & 0xF:
+        return _refuse(frame, Status.PROTOCOL_ERROR, 20, f"the instruction length is not the {length} decoded")
     if memory is None:
-        return refuse(Status.UNSUPPORTED, UnsupportedReason.NO_GUEST_MEMORY, "no guest memory on this connection")
-    address_size, size, is_write = ins.address_size, ins.element_size, ins.is_write
+        return _refuse(frame, Status.UNSUPPORTED, UnsupportedReason.NO_GUEST_MEMORY, "no guest memory here")
     amask = (1 << address_size) - 1
-    count = rcx & amask if ins.rep else 1
-    rip_mask = 0xFFFF if code == 16 else 0xFFFF_FFFF if code == 32 else _MASK64
-    next_rip = (rip + ins.length) & rip_mask
+    count = rcx & amask if rep else 1
+    next_rip = (rip + length) & (0xFFFF if code == 16 else 0xFFFF_FFFF if code == 32 else _MASK64)
     if count == 0:
-        return StringPlan(memory, partition, vp, port, access_info, is_write, size, 0, False, [], Registers.RIP,
-                          next_rip, rax, rcx, rsi, rdi)  # fmt: skip
+        return _new(StringPlan, (memory, partition, vp, port, access_info, is_write, size, 0, False, [], _RIP,
+                                 next_rip, rax, rcx, rsi, rdi))  # fmt: skip
 
     # Where the elements live: the segment, its checks, and how linear becomes physical.
-    segment = ins.segment
-    if segment in _SEGMENT_OFFSETS:
-        base, limit, selector, attributes = _SEGMENT.unpack_from(frame, _SEGMENT_OFFSETS[segment])
-    elif code == 64 and segment is Segment.SS:
+    frame_offset = _SEGMENT_OFFSETS[segment]
+    if frame_offset:
+        base, limit, selector, attributes = _SEGMENT.unpack_from(frame, frame_offset)
+    elif code == 64 and segment == Segment.SS:
         base = limit = selector = attributes = 0  # flat: nothing about SS matters
     else:
-        register = segments(partition, vp, segment) if segments is not None else None
+        register = segments(partition, vp, Segment(segment)) if segments is not None else None
         if register is None:
-            return refuse(Status.UNSUPPORTED, UnsupportedReason.SEGMENT_NOT_CARRIED, f"{segment.name} is not known")
+            name = Segment(segment).name
+            return _refuse(frame, Status.UNSUPPORTED, UnsupportedReason.SEGMENT_NOT_CARRIED, f"{name} is not known")
         base, limit, selector, attributes = register
     if state & 0x10 and translate is None:
-        return refuse(Status.UNSUPPORTED, UnsupportedReason.NEEDS_TRANSLATION, "long mode needs a translation hook")
+        return _refuse(frame, Status.UNSUPPORTED, UnsupportedReason.NEEDS_TRANSLATION, "long mode needs a hook")
     paged = translate if state & 0x04 else None
-    v86 = bool(state & 0x04 and rflags & _VM)
-    cpl = 3 if v86 else state & 3
-    align_check = size > 1 and bool(state & 0x08) and bool(rflags & _AC) and cpl == 3
-    memory_write = not is_write
-
+    v86 = state & 0x04 and rflags & _VM
+    align_check = size > 1 and state & 0x08 and rflags & _AC and (v86 or state & 3 == 3)
     if code == 64:
         # No limit checks; CS/DS/ES/SS have base 0, FS/GS their own.
         base = base if segment >= Segment.FS else 0
@@ -261,80 +259,66 @@ def plan_string(
     else:
         base, linear_mask = base & 0xFFFF_FFFF, 0xFFFF_FFFF
         if state & 0x04 and not v86 and _segment_unusable(segment, selector, attributes, is_write):
-            return refuse(Status.MEMORY_ERROR, MemoryFault.SEGMENT, f"{segment.name} cannot be used (#GP)")
+            return _refuse(frame, Status.MEMORY_ERROR, MemoryFault.SEGMENT, "the segment cannot be used (#GP)")
         if attributes & 0x1C == 0x14:  # a data segment that expands down
             limit_low, limit_high = limit + 1, 0xFFFF_FFFF if attributes & 0x4000 else 0xFFFF
         else:
             limit_low, limit_high = 0, limit
 
-    def pieces_of(offset: int, length: int) -> list[tuple[int, int]] | int:
-        # The guest-physical pieces of the bytes [offset, offset+length) of the
-        # segment, or the MemoryFault of the first check they fail.
-        if offset < limit_low or offset + length - 1 > limit_high:
-            return MemoryFault.SEGMENT
-        linear = (base + offset) & linear_mask
-        if align_check and linear % size:
-            return MemoryFault.ALIGNMENT
-        pieces: list[tuple[int, int]] = []
-        while length:
-            n = min(length, linear_mask + 1 - linear)
-            if paged is None:
-                pieces.append((linear, n))
-            else:
-                stop, at = linear + n, linear
-                while at < stop:
-                    step = min(stop - at, PAGE_SIZE - (at & (PAGE_SIZE - 1)))
-                    physical = paged(partition, vp, at, memory_write)
-                    if physical is None:
-                        return MemoryFault.TRANSLATION
-                    if pieces and pieces[-1][0] + pieces[-1][1] == physical:
-                        pieces[-1] = (pieces[-1][0], pieces[-1][1] + step)
-                    else:
-                        pieces.append((physical, step))
-                    at += step
-            linear, length = 0, length - n
-        for address, n in pieces:
-            fault = memory.check(address, n, write=memory_write)
-            if fault:
-                return fault
-        return pieces
-
     index = rsi if is_write else rdi
     first = index & amask
     reverse = bool(rflags & _DF)
-    step = -size if reverse else size
-    n = min(count, max_elements)
-    runs = _runs(first, n, size, reverse, amask, pieces_of)
-    faulted = isinstance(runs, int)
-    if isinstance(runs, int):
-        # Some element faults: stop before the first, in execution order.
-        fault = runs
-        for i in range(n):
-            found = pieces_of((first + i * step) & amask, size)
-            if isinstance(found, int):
-                n, fault = i, found
-                break
-        runs = _runs(first, n, size, reverse, amask, pieces_of) if n else fault
+    n = count if count < max_elements else max_elements
+    span = n * size
+    low = first - span + size if reverse else first
+    runs: list[tuple[int, list[tuple[int, int]]]] | int = 0
+    # The common case at once: one stretch of offsets, inside the limits and
+    # one backed range, no paging or alignment check.
+    if paged is None and not align_check and limit_low <= low and low + span - size <= amask:
+        linear = (base + low) & linear_mask
+        fits = low + span - 1 <= limit_high and linear + span <= linear_mask + 1
+        if fits and not memory.check(linear, span, write=not is_write):
+            runs = [(n, [(linear, span)])]
+    faulted = False
+    if not runs:
+        mapper = _Mapper(memory, not is_write, partition, vp, paged, base, linear_mask, limit_low, limit_high,
+                         size if align_check else 0)  # fmt: skip
+        runs = mapper.runs(first, n, size, reverse, amask)
         if isinstance(runs, int):
-            return refuse(Status.MEMORY_ERROR, runs, f"{MemoryFault(runs).name} at offset {first:#x}")
-    moved = (first + n * step) & amask
+            n, fault = mapper.first_fault(first, n, size, reverse, amask)
+            runs = mapper.runs(first, n, size, reverse, amask) if n else fault
+            if isinstance(runs, int):
+                return _refuse(frame, Status.MEMORY_ERROR, runs, f"{MemoryFault(runs).name} at offset {first:#x}")
+            faulted = True  # not done: the re-executed instruction faults
+    moved = (first - n * size if reverse else first + n * size) & amask
     index = (index & ~0xFFFF & _MASK64) | moved if address_size == 16 else moved
-    registers = Registers.RSI if is_write else Registers.RDI
-    if ins.rep:
-        registers |= Registers.RCX
+    if is_write:
+        registers, rsi = _RSI, index
+    else:
+        registers, rdi = _RDI, index
+    if rep:
+        registers |= _RCX
         rcx = (rcx & ~0xFFFF & _MASK64) | (count - n) if address_size == 16 else count - n
     if n == count and not faulted:
-        registers |= Registers.RIP
+        registers |= _RIP
         rip = next_rip
-    rsi, rdi = (index, rdi) if is_write else (rsi, index)
-    return StringPlan(memory, partition, vp, port, access_info, is_write, size, n, reverse, runs, registers, rip,
-                      rax, rcx, rsi, rdi)  # fmt: skip
+    return _new(StringPlan, (memory, partition, vp, port, access_info, is_write, size, n, reverse, runs, registers,
+                             rip, rax, rcx, rsi, rdi))  # fmt: skip
 
 
-def _segment_unusable(segment: Segment, selector: int, attributes: int, is_write: bool) -> bool:
+def _refuse(frame: bytes, status: Status, detail: int, reason: str) -> Refusal:
+    partition, vp = _IDS.unpack_from(frame, 8)
+    rip, port, access_info, rax = _ECHO.unpack_from(frame, 40)
+    rcx, rsi, rdi = _COUNTERS.unpack_from(frame, 120)
+    completion = _pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, status, 0, rip, rax, rcx, rsi,
+                       rdi, port, access_info, 0, detail)  # fmt: skip
+    return Refusal(status, detail, reason, partition, vp, port, completion)
+
+
+def _segment_unusable(segment: int, selector: int, attributes: int, is_write: bool) -> bool:
     # Protected mode: a null or not-present segment, a system segment, or one
     # whose type forbids the access (INS writes ES; OUTS reads) is #GP(0).
-    if segment is not Segment.CS and not selector & 0xFFFC:
+    if segment != Segment.CS and not selector & 0xFFFC:
         return True
     if attributes & 0x90 != 0x90:  # P and S
         return True
@@ -344,25 +328,71 @@ def _segment_unusable(segment: Segment, selector: int, attributes: int, is_write
     return bool(code_segment or not flag)  # INS writes memory: writable data segments only
 
 
-def _runs(
-    first: int,
-    n: int,
-    size: int,
-    reverse: bool,
-    amask: int,
-    pieces_of: Callable[[int, int], list[tuple[int, int]] | int],
-) -> list[tuple[int, list[tuple[int, int]]]] | int:
-    # Split n elements from offset `first` where the offset wraps at the
-    # address size, and map each stretch; an int is the first fault found.
-    runs: list[tuple[int, list[tuple[int, int]]]] = []
-    offset = first
-    while n:
-        k = min(n, offset // size + 1 if reverse else (amask - offset) // size + 1)
-        low = offset - (k - 1) * size if reverse else offset
-        pieces = pieces_of(low, k * size)
-        if isinstance(pieces, int):
-            return pieces
-        runs.append((k, pieces))
-        offset = (offset - k * size if reverse else offset + k * size) & amask
-        n -= k
-    return runs
+class _Mapper:
+    """Maps segment offsets to guest-physical pieces, checking each the way the CPU would."""
+
+    __slots__ = ("align", "base", "limit_high", "limit_low", "linear_mask", "memory", "paged", "partition", "vp",
+                 "write")  # fmt: skip
+
+    def __init__(self, memory: GuestMemory, write: bool, partition: int, vp: int, paged: Translate | None, base: int,
+                 linear_mask: int, limit_low: int, limit_high: int, align: int) -> None:  # fmt: skip
+        self.memory, self.write, self.partition, self.vp, self.paged = memory, write, partition, vp, paged
+        self.base, self.linear_mask, self.limit_low, self.limit_high, self.align = (base, linear_mask, limit_low,
+                                                                                    limit_high, align)  # fmt: skip
+
+    def pieces(self, offset: int, length: int) -> list[tuple[int, int]] | int:
+        """The guest-physical pieces of bytes [offset, offset+length) of the segment, or the first MemoryFault."""
+        if offset < self.limit_low or offset + length - 1 > self.limit_high:
+            return MemoryFault.SEGMENT
+        linear_mask = self.linear_mask
+        linear = (self.base + offset) & linear_mask
+        if self.align and linear % self.align:
+            return MemoryFault.ALIGNMENT
+        pieces: list[tuple[int, int]] = []
+        while length:
+            n = min(length, linear_mask + 1 - linear)  # the linear address space wraps
+            if self.paged is None:
+                pieces.append((linear, n))
+            else:
+                at, stop = linear, linear + n
+                while at < stop:
+                    step = min(stop - at, PAGE_SIZE - (at & (PAGE_SIZE - 1)))
+                    physical = self.paged(self.partition, self.vp, at, self.write)
+                    if physical is None:
+                        return MemoryFault.TRANSLATION
+                    if pieces and pieces[-1][0] + pieces[-1][1] == physical:
+                        pieces[-1] = (pieces[-1][0], pieces[-1][1] + step)
+                    else:
+                        pieces.append((physical, step))
+                    at += step
+            linear, length = 0, length - n
+        for address, n in pieces:
+            fault = self.memory.check(address, n, write=self.write)
+            if fault:
+                return fault
+        return pieces
+
+    def runs(
+        self, first: int, n: int, size: int, reverse: bool, amask: int
+    ) -> list[tuple[int, list[tuple[int, int]]]] | int:
+        """Split n elements from offset ``first`` where the offset wraps, and map each stretch."""
+        runs: list[tuple[int, list[tuple[int, int]]]] = []
+        offset = first
+        while n:
+            k = min(n, offset // size + 1 if reverse else (amask - offset) // size + 1)
+            pieces = self.pieces(offset - (k - 1) * size if reverse else offset, k * size)
+            if isinstance(pieces, int):
+                return pieces
+            runs.append((k, pieces))
+            offset = (offset - k * size if reverse else offset + k * size) & amask
+            n -= k
+        return runs
+
+    def first_fault(self, first: int, n: int, size: int, reverse: bool, amask: int) -> tuple[int, int]:
+        """The index of the first of n elements that faults, in execution order, and its MemoryFault."""
+        step = -size if reverse else size
+        for i in range(n):
+            fault = self.pieces((first + i * step) & amask, size)
+            if isinstance(fault, int):
+                return i, fault
+        return n, 0
