@@ -120,3 +120,21 @@ def test_statistics_count_string_intercepts_and_their_failures() -> None:
 def test_max_elements_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_elements"):
         Engine(Router(), max_elements=0)
+
+
+def test_a_bulk_chunk_past_the_deadline_reads_all_ones() -> None:
+    now = [0.0]
+
+    def slow_chunk(access: object) -> bytes:
+        now[0] += 2.0
+        return b"\x42" * 16
+
+    router = Router()
+    router.add(lambda access: 0, PORT, 4)
+    router.add_bulk(slow_chunk, PORT)
+    memory = BufferMemory([(0, bytearray(0x1000))])
+    engine = Engine(router, memory=memory, deadline=1.0, clock=lambda: now[0])
+    code = instruction("protected", outs=False, size=4, rep=True, address_size=32, segment=None)
+    message = Vp("protected", rcx=4, rdi=0x100).message(PORT, code, outs=False, size=4, rep=True)
+    completion = decode_completion(engine.receive([message.to_bytes()])[0][0])
+    assert completion.status is Status.DEADLINE_EXCEEDED and memory.read(0x100, 16) == b"\xff" * 16

@@ -436,3 +436,35 @@ async def test_async_handlers_run_as_jobs(bulk: bool) -> None:
         await vp.outsb(0x60, rep=True)
     assert buffer[0x100:0x103] == (bytes([0x40, 0x41, 0x42]) if bulk else bytes([0x40, 0x40, 0x40]))
     assert bytes(received) == b"hello"
+
+
+async def test_a_bulk_handler_that_raises_fails_the_chunk_with_all_ones() -> None:
+    def broken(access: BulkAccess) -> bytes:
+        raise OSError("disk gone")
+
+    router = Router()
+    router.add(lambda access: 0, 0x60)
+    router.add_bulk(broken, 0x60)
+    buffer, memory = memory_of()
+    async with FakePartition(router, memory=memory, strict=False) as partition:
+        vp = partition.vp(0)
+        vp.rdi, vp.rcx = 0x10, 3
+        completion = await vp.insb(0x60, rep=True)
+    assert completion.status is Status.HANDLER_FAILED and buffer[0x10:0x13] == b"\xff" * 3
+    assert partition.dispatcher.stats.handler_failed == 1
+
+
+async def test_an_async_string_handler_past_the_deadline_completes_the_chunk() -> None:
+    async def stuck(access: PortAccess) -> int:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    router = Router()
+    router.add(stuck, 0x60)
+    buffer, memory = memory_of()
+    async with FakePartition(router, memory=memory, strict=False, deadline=0.05) as partition:
+        vp = partition.vp(0)
+        vp.rdi, vp.rcx, rip = 0x10, 3, vp.rip
+        completion = await vp.insb(0x60, rep=True)
+    assert completion.status is Status.DEADLINE_EXCEEDED
+    assert buffer[0x10:0x13] == b"\xff" * 3 and (vp.rdi, vp.rcx, vp.rip) == (0x13, 0, rip + 2)
