@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import NamedTuple, cast
 
 from .completion import COMPLETION, COMPLETION_SIZE, COMPLETION_STRUCT, PROTOCOL_VERSION, UNKNOWN_VP, Registers, Status
-from .errors import FrameError
-from .guest_memory import GuestMemory
+from .errors import FrameError, GuestMemoryError
+from .guest_memory import GuestMemory, MemoryFault
 from .message import (
     HEADER_SIZE,
     IO_PORT_INTERCEPT,
@@ -538,7 +538,15 @@ class Engine:
                 except (TypeError, ValueError) as exc:
                     status, error = Status.HANDLER_FAILED, exc
             missing = count * size - len(data)
-            scatter(plan, data + b"\xff" * missing if missing else data)
+            try:
+                scatter(plan, data + b"\xff" * missing if missing else data)
+            except GuestMemoryError as vanished:
+                # The VMM took the memory away while async handlers ran (only
+                # a job can straddle that): the guest sees nothing happen.
+                stats.memory_errors += 1
+                log.warning("string access to port %#x by partition %d, VP %d: %s", plan.port, plan.partition,
+                            plan.vp_index, vanished)
+                return plan._replace(registers=0, rip=0).completion(Status.MEMORY_ERROR, MemoryFault.UNMAPPED)
         if status is not Status.COMPLETED:
             self._note_failure(plan.partition, plan.vp_index, plan.port, plan.access_info, plan.is_write, status,
                                error, template)

@@ -468,3 +468,21 @@ async def test_an_async_string_handler_past_the_deadline_completes_the_chunk() -
         completion = await vp.insb(0x60, rep=True)
     assert completion.status is Status.DEADLINE_EXCEEDED
     assert buffer[0x10:0x13] == b"\xff" * 3 and (vp.rdi, vp.rcx, vp.rip) == (0x13, 0, rip + 2)
+
+
+async def test_memory_taken_away_while_an_async_chunk_runs_is_a_memory_error() -> None:
+    memory = BufferMemory([(0, bytearray(0x1000))])
+
+    async def unplugging(access: PortAccess) -> int:
+        memory.remove(0)  # what a VMM may not do with an intercept in flight, answered safely anyway
+        await anyio.sleep(0)
+        return 1
+
+    router = Router()
+    router.add(unplugging, 0x60)
+    async with FakePartition(router, memory=memory, strict=False) as partition:
+        vp = partition.vp(0)
+        vp.rdi, rip = 0x10, vp.rip
+        completion = await vp.insb(0x60)
+    assert completion.status is Status.MEMORY_ERROR and completion.registers == Registers.NONE
+    assert (vp.rdi, vp.rip) == (0x10, rip)

@@ -1,0 +1,230 @@
+"""Guest memory shared as memfds over a UNIX socket pair, served in process."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+
+import anyio
+import pytest
+from string_driver import Vp, instruction
+
+from dispatcher import (
+    UNKNOWN_VP,
+    Completion,
+    Dispatcher,
+    FieldValueError,
+    MemoryFault,
+    PortAccess,
+    Registers,
+    Router,
+    Status,
+    UnsupportedReason,
+    decode_completion,
+)
+from transports.pipe import PipeTransport
+from transports.shared_memory import (
+    REGION,
+    SharedMemoryTransport,
+    decode_region,
+    encode_region,
+    encode_unmap,
+    share_region,
+    unshare_region,
+    with_shared_memory,
+)
+from transports.unix import UnixTransport
+
+pytestmark = pytest.mark.anyio
+
+PORT = 0x1F0
+PAGE = mmap.ALLOCATIONGRANULARITY
+
+
+def test_region_frames_byte_by_byte() -> None:
+    frame = encode_region(0x1_0000, 0x2_0000, fd_offset=PAGE, read_only=True)
+    assert len(frame) == 48
+    assert frame[:16] == struct.pack("<IBBHQ", REGION, 32, 0, 0, 0)
+    assert frame[16:24] == bytes([1, 0x01, 0, 0, 0, 0, 0, 0])
+    assert struct.unpack_from("<QQQ", frame, 24) == (0x1_0000, 0x2_0000, PAGE)
+    assert decode_region(frame) == (0x1_0000, 0x2_0000, PAGE, True, False)
+    unmap = encode_unmap(0x1_0000)
+    assert unmap[17] == 0x02 and decode_region(unmap).unmap
+
+
+@pytest.mark.parametrize(
+    ("frame", "offset"),
+    [
+        (encode_region(0, 0), 32),  # empty
+        (encode_region(0xFFFF_FFFF_FFFF_F000, 0x2000), 32),  # past 2**64
+        (encode_region(0, 0x1000, fd_offset=1), 40),
+        (bytes(encode_region(0, 0x1000)[:16]) + b"\x02" + encode_region(0, 0x1000)[17:], 16),  # version 2
+        (bytes(encode_region(0, 0x1000)[:17]) + b"\x80" + encode_region(0, 0x1000)[18:], 17),  # unknown flag
+    ],
+)
+def test_bad_region_frames_name_the_field(frame: bytes, offset: int) -> None:
+    with pytest.raises(FieldValueError) as caught:
+        decode_region(frame)
+    assert caught.value.offset == offset
+
+
+@contextmanager
+def memfd(size: int) -> Iterator[tuple[int, mmap.mmap]]:
+    """A memfd and the VMM's own mapping of it."""
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size) as mapping:
+            yield fd, mapping
+    finally:
+        os.close(fd)
+
+
+class Port:
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+        self.next = 0x100
+
+    def handle(self, access: PortAccess) -> int | None:
+        if access.is_write:
+            self.sent.append(access.value)
+            return None
+        self.next += 1
+        return self.next
+
+
+@asynccontextmanager
+async def served(router: Router) -> AsyncIterator[UnixTransport]:
+    """A Dispatcher serving one end of a socket pair wrapped for shared memory; yields the VMM's end."""
+    vmm_socket, service_socket = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    vmm = UnixTransport(vmm_socket, name="vmm")
+    dispatcher = Dispatcher(router, deadline=None)
+    async with anyio.create_task_group() as tg:
+        await tg.start(dispatcher.serve, with_shared_memory(UnixTransport(service_socket, name="service")))
+        try:
+            yield vmm
+        finally:
+            await vmm.aclose()
+
+
+async def exchange(vmm: UnixTransport, frame: bytes) -> Completion:
+    await vmm.send_batch([frame])
+    (reply,) = await vmm.receive_batch()
+    return decode_completion(reply)
+
+
+def string_frame(*, outs: bool, rcx: int, index: int, size: int = 2) -> bytes:
+    code = instruction("protected", outs=outs, size=size, rep=True, address_size=32, segment=None)
+    vp = Vp("protected", rcx=rcx, rsi=index, rdi=index)
+    return vp.message(PORT, code, outs=outs, size=size, rep=True).to_bytes()
+
+
+async def test_string_io_reads_and_writes_the_vmm_memory() -> None:
+    port = Port()
+    router = Router()
+    router.add(port.handle, PORT, 2)
+    with memfd(0x4000) as (fd, ram):
+        ram[0x3000:0x3004] = b"\x11\x22\x33\x44"
+        async with served(router) as vmm:
+            await share_region(vmm, 0x10_0000, fd, 0x4000)
+            completion = await exchange(vmm, string_frame(outs=False, rcx=3, index=0x10_0010))
+            assert completion.status is Status.COMPLETED and completion.rdi == 0x10_0016
+            assert ram[0x10:0x16] == bytes([0x01, 0x01, 0x02, 0x01, 0x03, 0x01])  # 0x101, 0x102, 0x103
+            completion = await exchange(vmm, string_frame(outs=True, rcx=2, index=0x10_3000))
+            assert completion.status is Status.COMPLETED and port.sent == [0x2211, 0x4433]
+
+
+async def test_regions_at_offsets_read_only_and_unmapped() -> None:
+    router = Router()
+    router.add(Port().handle, PORT, 2)
+    with memfd(2 * PAGE) as (fd, ram):
+        async with served(router) as vmm:
+            # The second page of the memfd at 0x2000_0000, read-only for the guest.
+            await share_region(vmm, 0x2000_0000, fd, PAGE, fd_offset=PAGE, read_only=True)
+            ram[PAGE : PAGE + 2] = b"\xab\xcd"
+            completion = await exchange(vmm, string_frame(outs=True, rcx=1, index=0x2000_0000))
+            assert completion.status is Status.COMPLETED
+            completion = await exchange(vmm, string_frame(outs=False, rcx=1, index=0x2000_0000))
+            assert completion.status is Status.MEMORY_ERROR and completion.detail == MemoryFault.READ_ONLY
+            await unshare_region(vmm, 0x2000_0000)
+            completion = await exchange(vmm, string_frame(outs=True, rcx=1, index=0x2000_0000))
+            assert completion.status is Status.MEMORY_ERROR and completion.detail == MemoryFault.UNMAPPED
+            assert completion.registers == Registers.NONE
+
+
+async def test_a_bad_region_gets_an_error_reply_and_the_connection_goes_on() -> None:
+    router = Router()
+    router.add(Port().handle, PORT, 2)
+    with memfd(PAGE) as (fd, _):
+        async with served(router) as vmm:
+            for frame, status, detail in (
+                (encode_region(0, 2 * PAGE), Status.MEMORY_ERROR, errno.EINVAL),  # larger than the memfd
+                (encode_region(0, PAGE, fd_offset=3), Status.PROTOCOL_ERROR, 40),
+            ):
+                await vmm.send_fds(frame, [fd])
+                (reply,) = await vmm.receive_batch()
+                error = decode_completion(reply)
+                assert (error.vp_index, error.status, error.detail) == (UNKNOWN_VP, status, detail)
+            await share_region(vmm, 0, fd, PAGE)
+            await vmm.send_fds(encode_region(PAGE // 2, PAGE), [fd])  # overlaps the first
+            (reply,) = await vmm.receive_batch()
+            assert decode_completion(reply).detail == errno.EEXIST
+            await unshare_region(vmm, 0x5000_0000)  # nothing there
+            (reply,) = await vmm.receive_batch()
+            assert decode_completion(reply).detail == errno.ENOENT
+            completion = await exchange(vmm, string_frame(outs=False, rcx=2, index=0x10))
+            assert completion.status is Status.COMPLETED
+
+
+async def test_a_region_frame_applies_after_the_frames_sent_before_it() -> None:
+    # The intercept before the unmap still sees the region; the one after does not.
+    router = Router()
+    router.add(Port().handle, PORT, 2)
+    with memfd(PAGE) as (fd, _):
+        async with served(router) as vmm:
+            await share_region(vmm, 0, fd, PAGE)
+            first = string_frame(outs=True, rcx=1, index=0x10)
+            second = bytearray(first)
+            second[16:20] = (1).to_bytes(4, "little")  # VP 1
+            await vmm.send_batch([first, encode_unmap(0), bytes(second)])
+            replies: list[Completion] = []
+            while len(replies) < 2:
+                replies += [decode_completion(frame) for frame in await vmm.receive_batch()]
+            by_vp = {c.vp_index: c.status for c in replies}
+            assert by_vp == {0: Status.COMPLETED, 1: Status.MEMORY_ERROR}
+
+
+async def test_closing_the_connection_unmaps_the_regions() -> None:
+    vmm_socket, service_socket = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    service = SharedMemoryTransport(UnixTransport(service_socket))
+    vmm = UnixTransport(vmm_socket)
+    with memfd(PAGE) as (fd, _):
+        await share_region(vmm, 0, fd, PAGE)
+        await vmm.send_batch([string_frame(outs=True, rcx=1, index=0)])
+        frames = await service.receive_batch()
+        assert len(frames) == 1 and service.guest_memory.regions()[0].size == PAGE
+        await service.aclose()
+        await vmm.aclose()
+    assert service.guest_memory.regions() == ()
+
+
+async def test_the_pipe_transport_has_no_guest_memory() -> None:
+    router = Router()
+    router.add(Port().handle, PORT, 2)
+    to_service, service_in = os.pipe()
+    service_out, from_service = os.pipe()
+    service = PipeTransport(to_service, from_service)
+    assert with_shared_memory(service) is service
+    vmm = PipeTransport(service_out, service_in)
+    async with anyio.create_task_group() as tg:
+        await tg.start(Dispatcher(router).serve, service)
+        await vmm.send_batch([string_frame(outs=False, rcx=1, index=0)])
+        (reply,) = await vmm.receive_batch()
+        await vmm.aclose()
+    completion = decode_completion(reply)
+    assert completion.status is Status.UNSUPPORTED and completion.detail == UnsupportedReason.NO_GUEST_MEMORY

@@ -1,0 +1,249 @@
+"""Guest memory shared over a UNIX socket: memfd regions passed with SCM_RIGHTS.
+
+The VMM sends one "memory region" frame per guest-physical range, with the
+descriptor of the memory behind it (a memfd, or any file it can map)
+attached, as vhost-user's memory table and vfio-user's DMA map do; the
+service maps it and string I/O on that connection reads and writes the
+guest's own memory. The layout is in docs/PROTOCOL.md ("Guest memory
+regions").
+
+VMM side::
+
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, size)
+    await share_region(client.transport, 0, fd, size)
+
+Service side, :func:`with_shared_memory` wraps each UNIX connection in a
+:class:`SharedMemoryTransport`, whose ``guest_memory`` the
+:class:`~dispatcher.Dispatcher` uses for that connection. Region frames
+never reach the engine. A region is applied when the frames before it have
+been handed on, so intercepts see exactly the regions sent before them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import struct
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from dispatcher import (
+    COMPLETION,
+    PROTOCOL_VERSION,
+    UNKNOWN_VP,
+    BufferMemory,
+    FieldValueError,
+    FrameError,
+    Registers,
+    Status,
+    Transport,
+)
+from dispatcher.completion import COMPLETION_SIZE, COMPLETION_STRUCT
+from dispatcher.message import HEADER_SIZE, check_header
+
+from .unix import UnixTransport
+
+__all__ = [
+    "MAX_REGIONS",
+    "REGION",
+    "REGION_VERSION",
+    "RegionFrame",
+    "SharedMemoryTransport",
+    "carries_descriptor",
+    "decode_region",
+    "encode_region",
+    "encode_unmap",
+    "share_region",
+    "unshare_region",
+    "with_shared_memory",
+]
+
+log = logging.getLogger("transports")
+
+REGION = 0x1D00_0003
+"""MessageType of a memory region frame (VMM to service)."""
+REGION_VERSION = 1
+MAX_REGIONS = 64
+"""Regions one connection may map at once."""
+
+READ_ONLY, UNMAP = 0x01, 0x02
+_REGION = struct.Struct("<I4BQBBHIQQQ")
+_PAYLOAD = _REGION.size - HEADER_SIZE
+_TYPE = REGION.to_bytes(4, "little")
+_KNOWN = frozenset({REGION})
+_COMPLETION_PAYLOAD = COMPLETION_SIZE - HEADER_SIZE
+
+
+class RegionFrame(NamedTuple):
+    """One decoded memory region frame. With ``unmap``, only ``guest_physical`` counts."""
+
+    guest_physical: int
+    size: int
+    fd_offset: int
+    read_only: bool
+    unmap: bool
+
+
+def encode_region(guest_physical: int, size: int, *, fd_offset: int = 0, read_only: bool = False) -> bytes:
+    """The frame that maps ``size`` bytes of the attached descriptor, from ``fd_offset``, at ``guest_physical``."""
+    return _REGION.pack(REGION, _PAYLOAD, 0, 0, 0, 0, REGION_VERSION, READ_ONLY if read_only else 0, 0, 0,
+                        guest_physical, size, fd_offset)  # fmt: skip
+
+
+def encode_unmap(guest_physical: int) -> bytes:
+    """The frame that removes the region starting at ``guest_physical`` (no descriptor attached)."""
+    return _REGION.pack(REGION, _PAYLOAD, 0, 0, 0, 0, REGION_VERSION, UNMAP, 0, 0, guest_physical, 0, 0)
+
+
+def carries_descriptor(frame: bytes) -> bool:
+    """Whether a region frame comes with a descriptor: every one without the UNMAP flag does."""
+    return len(frame) <= 17 or not frame[17] & UNMAP
+
+
+def decode_region(frame: bytes) -> RegionFrame:
+    """Parse a region frame; raise a ``FrameError`` naming the bad field and its offset."""
+    payload = check_header(frame, int.from_bytes(frame[:4], "little") if len(frame) >= 4 else 0, _KNOWN)
+    if payload < _PAYLOAD:
+        raise FieldValueError(f"a region frame needs {_PAYLOAD} payload bytes", field="payload_size", offset=4,
+                              value=payload)  # fmt: skip
+    *_, version, flags, _, _, guest_physical, size, fd_offset = _REGION.unpack_from(frame)
+    if version != REGION_VERSION:
+        raise FieldValueError(f"region frames are version {REGION_VERSION}", field="version", offset=16, value=version)
+    if flags & ~(READ_ONLY | UNMAP):
+        raise FieldValueError("unknown region flags", field="flags", offset=17, value=flags)
+    if not flags & UNMAP:
+        if size == 0 or guest_physical + size > 1 << 64:
+            raise FieldValueError("the region is empty or passes 2**64", field="size", offset=32, value=size)
+        if fd_offset % mmap.ALLOCATIONGRANULARITY:
+            raise FieldValueError(f"the descriptor offset is not a multiple of {mmap.ALLOCATIONGRANULARITY}",
+                                  field="fd_offset", offset=40, value=fd_offset)  # fmt: skip
+    return RegionFrame(guest_physical, size, fd_offset, bool(flags & READ_ONLY), bool(flags & UNMAP))
+
+
+async def share_region(
+    transport: UnixTransport, guest_physical: int, fd: int, size: int, *, fd_offset: int = 0, read_only: bool = False
+) -> None:
+    """VMM side: let the service map ``size`` bytes of ``fd`` at ``guest_physical`` (the caller keeps ``fd``).
+
+    Sent in order with the intercepts: those sent after it can use the
+    region. The service answers only a failure, with an error completion
+    addressed to VP 0xFFFF_FFFF (see PROTOCOL.md).
+    """
+    await transport.send_fds(encode_region(guest_physical, size, fd_offset=fd_offset, read_only=read_only), [fd])
+
+
+async def unshare_region(transport: Transport, guest_physical: int) -> None:
+    """VMM side: remove the region that starts at ``guest_physical``."""
+    await transport.send_batch([encode_unmap(guest_physical)])
+
+
+def _error(status: Status, detail: int) -> bytes:
+    return COMPLETION_STRUCT.pack(COMPLETION, _COMPLETION_PAYLOAD, 0, 0, 0, 0, UNKNOWN_VP, PROTOCOL_VERSION, status,
+                                  Registers.NONE, 0, 0, 0, 0, 0, 0, 0, 0, detail)  # fmt: skip
+
+
+class SharedMemoryTransport(Transport):
+    """A UNIX connection whose region frames build the ``guest_memory`` string I/O uses.
+
+    Everything else passes through unchanged. Closing it unmaps the regions.
+    """
+
+    def __init__(self, transport: UnixTransport, *, max_regions: int = MAX_REGIONS) -> None:
+        self.transport = transport
+        self.guest_memory = BufferMemory()
+        self.max_regions = max_regions
+        self._maps: dict[int, mmap.mmap] = {}
+        self._pending: list[bytes] = []
+
+    @property
+    def name(self) -> str:
+        return self.transport.name
+
+    async def receive_batch(self) -> list[bytes]:
+        while True:
+            frames, self._pending = self._pending or await self.transport.receive_batch(), []
+            if not frames:
+                return []
+            # Apply the region frames at the head, pass on the frames up to the
+            # next region frame and keep the rest: an intercept sees exactly
+            # the regions sent before it.
+            replies = []
+            start = 0
+            while start < len(frames) and frames[start][:4] == _TYPE:
+                reply = self._apply(frames[start])
+                if reply is not None:
+                    replies.append(reply)
+                start += 1
+            end = start
+            while end < len(frames) and frames[end][:4] != _TYPE:
+                end += 1
+            self._pending = frames[end:]
+            if replies:
+                await self.transport.send_batch(replies)
+            if end > start:
+                return frames[start:end]
+
+    def _apply(self, frame: bytes) -> bytes | None:
+        # A descriptor travels with every mapping frame, even a malformed one:
+        # take it first, so the descriptor queue stays in step with the frames.
+        fd = self.transport.take_fds(1)[0] if carries_descriptor(frame) else -1
+        try:
+            region = decode_region(frame)
+            if region.unmap:
+                self._unmap(region.guest_physical)
+            else:
+                self._map(region, fd)
+        except FrameError as error:
+            log.warning("%s: rejected a region frame: %s", self.name, error)
+            return _error(Status.PROTOCOL_ERROR, error.offset)
+        except OSError as error:
+            log.warning("%s: cannot map guest memory: %s", self.name, error)
+            return _error(Status.MEMORY_ERROR, error.errno or errno.EINVAL)
+        finally:
+            if fd >= 0:
+                os.close(fd)  # a mapping keeps the memory alive without it
+        return None
+
+    def _map(self, region: RegionFrame, fd: int) -> None:
+        if len(self._maps) >= self.max_regions:
+            raise OSError(errno.ENOSPC, f"more than {self.max_regions} regions")
+        available = os.fstat(fd).st_size
+        if available < region.fd_offset + region.size:
+            # Touching a shared mapping past the end of its file would raise SIGBUS.
+            raise OSError(errno.EINVAL, f"the descriptor holds {available} bytes, the region needs "
+                                        f"{region.fd_offset + region.size}")  # fmt: skip
+        protection = mmap.PROT_READ if region.read_only else mmap.PROT_READ | mmap.PROT_WRITE
+        mapping = mmap.mmap(fd, region.size, flags=mmap.MAP_SHARED, prot=protection, offset=region.fd_offset)
+        try:
+            self.guest_memory.add(region.guest_physical, mapping, writable=not region.read_only)
+        except ValueError as error:
+            mapping.close()
+            raise OSError(errno.EEXIST, str(error)) from None
+        self._maps[region.guest_physical] = mapping
+        log.info("%s: guest memory %#x+%#x mapped%s", self.name, region.guest_physical, region.size,
+                 " read-only" if region.read_only else "")  # fmt: skip
+
+    def _unmap(self, guest_physical: int) -> None:
+        mapping = self._maps.pop(guest_physical, None)
+        if mapping is None:
+            raise OSError(errno.ENOENT, f"no region starts at {guest_physical:#x}")
+        self.guest_memory.remove(guest_physical)
+        mapping.close()
+
+    async def send_batch(self, frames: Sequence[bytes]) -> None:
+        await self.transport.send_batch(frames)
+
+    async def aclose(self) -> None:
+        try:
+            await self.transport.aclose()
+        finally:
+            for guest_physical in list(self._maps):
+                self._unmap(guest_physical)
+
+
+def with_shared_memory(transport: Transport) -> Transport:
+    """Wrap a UNIX socket connection so its VMM can share guest memory; other transports cannot carry it."""
+    return SharedMemoryTransport(transport) if isinstance(transport, UnixTransport) else transport
