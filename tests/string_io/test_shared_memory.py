@@ -228,3 +228,11 @@ async def test_the_pipe_transport_has_no_guest_memory() -> None:
         await vmm.aclose()
     completion = decode_completion(reply)
     assert completion.status is Status.UNSUPPORTED and completion.detail == UnsupportedReason.NO_GUEST_MEMORY
+
+
+async def test_a_region_frame_without_its_descriptor_closes_the_connection() -> None:
+    router = Router()
+    router.add(Port().handle, PORT, 2)
+    async with served(router) as vmm:
+        await vmm.send_batch([encode_region(0, PAGE)])  # no SCM_RIGHTS: the descriptor queue is out of step
+        assert await vmm.receive_batch() == []
