@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import cast
 
 import anyio
@@ -55,15 +55,21 @@ class Dispatcher:
         self.stats = EngineStats()
         self._stopping = False
         self._reads: set[anyio.CancelScope] = set()
+        self._stop_readers: set[Callable[[], object]] = set()
 
     def stop(self) -> None:
         """Graceful stop: stop reading, finish in-flight intercepts, send their completions.
 
         Each :meth:`serve` call then returns once its completions are sent.
+        A transport with a ``stop_reading()`` method is asked to stop instead
+        of having its read cancelled: it still delivers the frames that had
+        arrived, then reports end of stream, and those are answered too.
         """
         self._stopping = True
         for scope in self._reads:
             scope.cancel()
+        for stop_reading in self._stop_readers:
+            stop_reading()
 
     async def serve(
         self, transport: Transport, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -111,17 +117,31 @@ class Dispatcher:
                 await send(out)
                 job = more[0] if more else None
 
+        # A transport that can stop reading by itself needs no cancel scope per
+        # read, which costs more than the rest of a small batch's round trip.
+        stop_reading: Callable[[], object] | None = getattr(transport, "stop_reading", None)
+        if stop_reading is not None:
+            self._stop_readers.add(stop_reading)
+            if self._stopping:
+                stop_reading()
         try:
             async with anyio.create_task_group() as tg:
                 task_status.started()
-                while not self._stopping:
-                    with anyio.CancelScope() as scope:
-                        self._reads.add(scope)
-                        try:
-                            frames = await transport.receive_batch()
-                        finally:
-                            self._reads.discard(scope)
-                    if scope.cancelled_caught or not frames:
+                while True:
+                    if stop_reading is not None:
+                        frames = await transport.receive_batch()
+                    elif self._stopping:
+                        break
+                    else:
+                        with anyio.CancelScope() as scope:
+                            self._reads.add(scope)
+                            try:
+                                frames = await transport.receive_batch()
+                            finally:
+                                self._reads.discard(scope)
+                        if scope.cancelled_caught:
+                            break
+                    if not frames:
                         break
                     out, jobs = engine.receive(frames)
                     for job in jobs:
@@ -132,5 +152,7 @@ class Dispatcher:
             # The task group wraps errors in an ExceptionGroup, whether the read loop or a job's send raised them.
             log.warning("connection lost: %s", "; ".join(str(error) for error in group.exceptions))
         finally:
+            if stop_reading is not None:
+                self._stop_readers.discard(stop_reading)
             with anyio.CancelScope(shield=True):
                 await transport.aclose()
