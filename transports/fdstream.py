@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import os
+import time
 from collections.abc import Sequence
 
 import anyio
@@ -21,6 +22,7 @@ import anyio.lowlevel
 from dispatcher import Transport, TransportClosedError, TransportError
 
 from .framing import FrameSplitter
+from .stats import LatencySamples
 
 __all__ = ["READ_SIZE", "FdStreamTransport"]
 
@@ -29,6 +31,7 @@ log = logging.getLogger("transports")
 READ_SIZE = 1 << 16
 """The most one read takes: 455 intercept frames."""
 
+_MAX_STARTED = 4096
 _GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
 
 
@@ -54,7 +57,9 @@ class FdStreamTransport(Transport):
         self._eof = False
         self._stopping = False
         self._readable = False
-        self._wait_scope: anyio.CancelScope | None = None
+        self.latency: LatencySamples | None = None
+        """Where to record latency samples (see :mod:`transports.stats`); None records nothing."""
+        self._started: dict[bytes, float] = {}
 
     # The system calls, which the socket transport replaces.
 
@@ -116,6 +121,10 @@ class FdStreamTransport(Transport):
             self._readable = len(data) == READ_SIZE
             frames = self._splitter.feed(data)
             if frames:
+                if self.latency is not None and len(self._started) < _MAX_STARTED:
+                    # One sample per batch, keyed by its first frame's partition
+                    # and VP (bytes 8-19, where a completion has them too).
+                    self._started[frames[0][8:20]] = time.perf_counter()
                 if self._readable:
                     # The next call will not wait, so yield here: a busy connection
                     # must not starve the others. Shielded: what was read is kept.
@@ -123,10 +132,10 @@ class FdStreamTransport(Transport):
                 return frames
 
     async def _wait_readable(self) -> None:
-        # ClosedResourceError: aclose() ran, which the caller sees in self._closed.
-        with anyio.CancelScope() as self._wait_scope, contextlib.suppress(anyio.ClosedResourceError):
+        # ClosedResourceError: aclose() ran (the caller sees self._closed), or
+        # stop_reading() woke the wait (the caller sees self._stopping).
+        with contextlib.suppress(anyio.ClosedResourceError):
             await anyio.wait_readable(self._read_fd)
-        self._wait_scope = None
 
     def stop_reading(self) -> None:
         """Read only what has already arrived, then report end of stream.
@@ -135,38 +144,58 @@ class FdStreamTransport(Transport):
         what it sends later is not read. Sending is unaffected, so the
         completions of those frames still go out.
         """
-        self._stopping = True
-        if self._wait_scope is not None:
-            self._wait_scope.cancel()
+        if not self._stopping and not self._closed:
+            self._stopping = True
+            self._interrupt_read()
+
+    def _interrupt_read(self) -> None:
+        # Wakes a waiting read without closing anything; the read and write
+        # descriptors differ here, so a waiting write is not disturbed.
+        anyio.notify_closing(self._read_fd)
 
     async def send_batch(self, frames: Sequence[bytes]) -> None:
         """Send frames in order as one write. A write, once begun, is finished even if cancelled."""
         if not frames:
             return
         data = frames[0] if len(frames) == 1 else b"".join(frames)
-        async with self._write_lock:
-            await self._write_all(data)
-
-    async def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
-        while True:
-            if self._closed:
-                raise TransportClosedError(f"{self.name}: the transport is closed")
-            try:
-                view = view[self._write(view) :]
-            except BlockingIOError:
-                pass
-            except OSError as error:
-                raise self._failure("write", error) from error
-            if not view:
-                return
-            # Part of a frame is out: the rest must follow, or the stream is broken.
-            # Cancellation is therefore held off once the first byte is written.
-            with anyio.CancelScope(shield=len(view) < len(data)):
-                try:
-                    await anyio.wait_writable(self._write_fd)
-                except anyio.ClosedResourceError:
-                    raise TransportClosedError(f"{self.name}: closed while writing") from None
+        if not self._write_lock.locked():
+            # No write is part-way through, and this one most often completes
+            # at once: it needs no lock, since it does not yield.
+            view = view[self._write_some(view) :]
+        if view:
+            # Taking a free lock does not yield either, so nothing slips in between.
+            async with self._write_lock:
+                await self._write_all(view, begun=len(view) < len(data))
+        if self._started and self.latency is not None:
+            started = self._started.pop(frames[0][8:20], None)
+            if started is not None:
+                self.latency.samples.append(time.perf_counter() - started)
+
+    def _write_some(self, view: memoryview) -> int:
+        if self._closed:
+            raise TransportClosedError(f"{self.name}: the transport is closed")
+        try:
+            return self._write(view)
+        except BlockingIOError:
+            return 0
+        except OSError as error:
+            raise self._failure("write", error) from error
+
+    async def _write_all(self, view: memoryview, *, begun: bool) -> None:
+        """Write all of ``view``, waiting as needed; ``begun`` if part of its frame is already out."""
+        while view:
+            sent = self._write_some(view)
+            view = view[sent:]
+            begun = begun or sent > 0
+            if view:
+                # Part of a frame is out: the rest must follow, or the stream is
+                # broken. Cancellation is therefore held off once a byte is written.
+                with anyio.CancelScope(shield=begun):
+                    try:
+                        await anyio.wait_writable(self._write_fd)
+                    except anyio.ClosedResourceError:
+                        raise TransportClosedError(f"{self.name}: closed while writing") from None
 
     def _failure(self, what: str, error: OSError) -> TransportError:
         if error.errno in _GONE:

@@ -16,6 +16,7 @@ import argparse
 import importlib
 import inspect
 import logging
+import math
 import os
 import pwd
 import signal
@@ -33,7 +34,7 @@ from dispatcher import Dispatcher, DispatchError, PortRange, Router, TransportEr
 from . import systemd
 from .fdstream import FdStreamTransport
 from .pipe import stdio_transport
-from .stats import LatencySamples, MeteredTransport, format_stats
+from .stats import LatencySamples, format_stats
 from .unix import DEFAULT_MODE, UnixListener, UnixTransport, default_socket_path
 
 __all__ = ["Service", "ServiceConfig", "default_devices", "load_devices", "main", "run"]
@@ -76,8 +77,9 @@ def load_devices(specs: Sequence[str]) -> Router:
 
     A spec is ``module:attribute`` (the attribute may be dotted) or just
     ``module``. It may name a :class:`~dispatcher.Router` (its claims are
-    copied), a device object or module with ``@on_port`` handlers, or a class
-    or function called without arguments to make either. Raises
+    copied), an object whose ``router`` attribute is one (a machine
+    composition), a device object or module with ``@on_port`` handlers, or a
+    class or function called without arguments to make any of these. Raises
     ``ValueError`` naming the spec when it cannot be loaded, and
     :class:`~dispatcher.OverlappingClaimError` when two devices claim a port.
     """
@@ -89,6 +91,7 @@ def load_devices(specs: Sequence[str]) -> Router:
                 target = target()
             except Exception as error:
                 raise ValueError(f"device {spec!r}: calling it failed: {error!r}") from error
+        target = getattr(target, "router", target)  # e.g. a machine composition holding its router
         if isinstance(target, Router):
             router.include(target)
         elif not router.include(target):
@@ -185,7 +188,7 @@ class Service:
         self.connections_refused = 0
         self.stopping = False
         self.forced = False
-        self._live: dict[FdStreamTransport, anyio.CancelScope] = {}
+        self._live: set[anyio.CancelScope] = set()
         self._accepting: anyio.CancelScope | None = None
 
     @property
@@ -202,36 +205,39 @@ class Service:
     def stop(self) -> None:
         """Stop accepting, stop reading, finish the intercepts already received, then let :meth:`serve` return.
 
-        Connections still busy after ``grace`` seconds are cancelled.
+        Each connection still answers the frames that had reached it (see
+        :meth:`FdStreamTransport.stop_reading
+        <transports.fdstream.FdStreamTransport.stop_reading>`); those still
+        busy after ``grace`` seconds are cancelled.
         """
         self.stopping = True
         if self._accepting is not None:
             self._accepting.cancel()
+        self.dispatcher.stop()
         deadline = anyio.current_time() + self.grace
-        for transport, scope in self._live.items():
-            transport.stop_reading()
+        for scope in self._live:
             scope.deadline = min(scope.deadline, deadline)
 
     async def handle(self, transport: FdStreamTransport) -> None:
         """Serve one connection until it ends: the port announcement, then intercepts."""
-        scope = anyio.CancelScope()
-        self._live[transport] = scope
-        if self.stopping:
-            transport.stop_reading()
-            scope.deadline = anyio.current_time() + self.grace
+        # A connection accepted as the service stops is still answered (the
+        # dispatcher stops it reading), within the grace period.
+        scope = anyio.CancelScope(deadline=anyio.current_time() + self.grace if self.stopping else math.inf)
+        self._live.add(scope)
         self.connections_total += 1
         log.info("%s: connected", transport.name)
         try:
             with scope:
                 await transport.send_batch(self._announcement)
-                await self.dispatcher.serve(MeteredTransport(transport, self.latency))
+                transport.latency = self.latency
+                await self.dispatcher.serve(transport)
         except TransportError as error:
             log.info("%s: %s", transport.name, error)
         except Exception:
             # A bug, not a connection problem; it still must not end the service.
             log.exception("%s: failed", transport.name)
         finally:
-            del self._live[transport]
+            self._live.discard(scope)
             with anyio.CancelScope(shield=True):
                 await transport.aclose()
         if scope.cancelled_caught:
@@ -342,6 +348,10 @@ async def run(config: ServiceConfig, router: Router) -> int:
     return 1 if service.forced else 0
 
 
+def _octal(text: str) -> int:
+    return int(text, 8)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="intercept-dispatch serve",
@@ -363,9 +373,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="serve one VMM on stdin/stdout instead (for a VMM that spawns the service)",
     )
-    parser.add_argument(
-        "--mode", type=lambda text: int(text, 8), metavar="OCTAL", help="permissions of the socket file (default 0600)"
-    )
+    parser.add_argument("--mode", type=_octal, metavar="OCTAL", help="permissions of the socket file (default 0600)")
     parser.add_argument(
         "--allow-uid",
         action="append",

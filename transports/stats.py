@@ -1,24 +1,21 @@
-"""Service statistics: intercept latency sampling and the one-line report.
+"""Service statistics: intercept latency samples and the one-line report.
 
-Latency is sampled, not measured for every intercept: one sample per batch
-read from a connection, from the moment the batch is read to the moment the
-completion of its first frame is written. Under light load every intercept
-is a batch of its own, so every one is measured; under heavy load the
-samples describe the batches the service actually handles, at the cost of
-two dictionary operations per batch instead of per frame.
+Latency is sampled, not measured for every intercept: a stream transport
+(:attr:`FdStreamTransport.latency <transports.fdstream.FdStreamTransport.latency>`)
+takes one sample per batch it reads, from the moment the batch is read to
+the moment the completion of its first frame is written. Under light load
+every intercept is a batch of its own, so every one is measured; under
+heavy load the samples describe the batches the service actually handles,
+at the cost of two dictionary operations per batch instead of per frame.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from collections.abc import Sequence
 
-from dispatcher import EngineStats, Transport
+from dispatcher import EngineStats
 
-__all__ = ["LatencySamples", "MeteredTransport", "format_stats"]
-
-_MAX_STARTED = 4096
+__all__ = ["LatencySamples", "format_stats"]
 
 
 class LatencySamples:
@@ -36,33 +33,6 @@ class LatencySamples:
             return []
         last = len(ordered) - 1
         return [ordered[min(last, round(p / 100 * last))] for p in points]
-
-
-class MeteredTransport(Transport):
-    """A transport that passes everything through and records latency samples."""
-
-    def __init__(self, inner: Transport, samples: LatencySamples) -> None:
-        self.inner = inner
-        self._samples = samples.samples
-        # When the batch headed by a VP's frame was read, keyed by the frame's
-        # partition and VP (bytes 8-19, the same place in a completion).
-        self._started: dict[bytes, float] = {}
-
-    async def receive_batch(self) -> list[bytes]:
-        frames = await self.inner.receive_batch()
-        if frames and len(self._started) < _MAX_STARTED:
-            self._started[frames[0][8:20]] = time.perf_counter()
-        return frames
-
-    async def send_batch(self, frames: Sequence[bytes]) -> None:
-        await self.inner.send_batch(frames)
-        if frames and self._started:
-            started = self._started.pop(frames[0][8:20], None)
-            if started is not None:
-                self._samples.append(time.perf_counter() - started)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 def format_stats(stats: EngineStats, latency: LatencySamples, *, extra: str = "", top: int = 8) -> str:

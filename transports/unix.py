@@ -15,6 +15,7 @@ stream order, from which the handler of that frame takes them with
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import logging
 import os
@@ -28,7 +29,7 @@ from typing import NamedTuple
 import anyio
 import anyio.lowlevel
 
-from dispatcher import TransportError
+from dispatcher import TransportClosedError, TransportError
 
 from .fdstream import READ_SIZE, FdStreamTransport
 
@@ -100,6 +101,12 @@ class UnixTransport(FdStreamTransport):
     def _write(self, data: memoryview) -> int:
         return self.socket.send(data)
 
+    def _interrupt_read(self) -> None:
+        # The kernel does the rest: data already queued is still read, then end
+        # of stream; the peer's later writes fail with EPIPE, so it learns at once.
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_RD)
+
     def _close_fds(self) -> None:
         while self._fds:
             os.close(self._fds.popleft())
@@ -131,6 +138,8 @@ class UnixTransport(FdStreamTransport):
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
         async with self._write_lock:
             while True:
+                if self._closed:
+                    raise TransportClosedError(f"{self.name}: the transport is closed")
                 try:
                     sent = self.socket.sendmsg([frame], ancillary)
                     break
@@ -138,11 +147,10 @@ class UnixTransport(FdStreamTransport):
                     try:
                         await anyio.wait_writable(self._write_fd)
                     except anyio.ClosedResourceError:
-                        raise TransportError(f"{self.name}: closed while writing") from None
+                        raise TransportClosedError(f"{self.name}: closed while writing") from None
                 except OSError as error:
                     raise self._failure("write", error) from error
-            if sent < len(frame):
-                await self._write_all(frame[sent:])
+            await self._write_all(memoryview(frame)[sent:], begun=True)
 
 
 async def connect_unix(path: str | os.PathLike[str], *, name: str | None = None) -> UnixTransport:
