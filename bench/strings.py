@@ -89,12 +89,14 @@ def _console(bulk: bool) -> tuple[Router, bytearray]:
 
 
 class _Disk:
-    """A PIO data port over a disk image: a sector buffer, DRQ while it holds data."""
+    """A PIO data port over a disk image: a sector buffer the media fills, DRQ while it holds data."""
 
     SECTOR = 512
 
     def __init__(self, image: bytes) -> None:
-        self.image = memoryview(image)
+        self.image = image
+        self.buffer = bytearray(self.SECTOR)
+        self.words = memoryview(self.buffer).cast("H")
         self.rewind()
 
     def rewind(self) -> None:
@@ -104,8 +106,8 @@ class _Disk:
     def load(self) -> None:
         start = self.lba * self.SECTOR
         self.drq = start < len(self.image)
-        self.buffer = self.image[start : start + self.SECTOR]
-        self.words = self.buffer.cast("H")
+        if self.drq:
+            self.buffer[:] = self.image[start : start + self.SECTOR]
         self.position = 0  # in words
 
     def read_word(self, access: PortAccess) -> int:
@@ -119,7 +121,7 @@ class _Disk:
         return value
 
     def read_words(self, access: BulkAccess) -> bytes:
-        wanted, parts = access.elements * 2, []
+        wanted, parts = access.elements * 2, list[bytes | bytearray]()
         while wanted and self.drq:
             start = self.position * 2
             take = min(wanted, self.SECTOR - start)
@@ -129,7 +131,9 @@ class _Disk:
             if self.position == self.SECTOR // 2:
                 self.lba += 1
                 self.load()
-        return b"".join(parts) + b"\xff" * wanted
+        if wanted:
+            parts.append(b"\xff" * wanted)
+        return b"".join(parts)
 
 
 def _disk(bulk: bool, image: bytes) -> tuple[Router, Callable[[], None]]:
@@ -140,62 +144,96 @@ def _disk(bulk: bool, image: bytes) -> tuple[Router, Callable[[], None]]:
     return router, disk.rewind
 
 
+def _seconds(work: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
 def _rate(work: Callable[[], object], seconds: float) -> float:
     """Median MB/s over repeated runs of ``work`` (each moves SIZE bytes); the median skips machine stalls."""
-    rates: list[float] = []
+    times: list[float] = []
     deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(rates) < 5:
-        start = time.perf_counter()
-        work()
-        rates.append(SIZE / (time.perf_counter() - start) / 1e6)
-    return statistics.median(rates)
+    while time.perf_counter() < deadline or len(times) < 5:
+        times.append(_seconds(work))
+    return SIZE / statistics.median(times) / 1e6
+
+
+def _pair(bulk: Callable[[], object], element: Callable[[], object], seconds: float) -> tuple[float, float, float]:
+    """Median MB/s of each and the median ratio of runs taken back to back, so load drift on a shared
+    machine moves both sides of a ratio alike."""
+    ratios: list[float] = []
+    bulk_times: list[float] = []
+    element_times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(ratios) < 5:
+        bulk_time = statistics.median(_seconds(bulk) for _ in range(5))
+        element_time = _seconds(element)
+        ratios.append(element_time / bulk_time)
+        bulk_times.append(bulk_time)
+        element_times.append(element_time)
+    return SIZE / statistics.median(bulk_times) / 1e6, SIZE / statistics.median(element_times) / 1e6, \
+        statistics.median(ratios)  # fmt: skip
+
+
+def _outsb(bulk: bool, memory: BufferMemory, image: bytes) -> Callable[[], None]:
+    router, received = _console(bulk)
+    engine = Engine(router, memory=memory, deadline=None)
+    frame = _intercept(CONSOLE, 1, True)
+
+    def outsb() -> None:
+        received.clear()
+        _execute(engine, frame, SIZE, True)
+
+    outsb()
+    if received != image:
+        raise AssertionError("OUTSB moved the wrong bytes")
+    return outsb
+
+
+def _insw(bulk: bool, memory: BufferMemory, buffer: bytearray, image: bytes) -> Callable[[], None]:
+    router, rewind = _disk(bulk, image)
+    engine = Engine(router, memory=memory, deadline=None)
+    frame = _intercept(DISK, 2, False)
+
+    def insw() -> None:
+        rewind()
+        _execute(engine, frame, SIZE // 2, False)
+
+    buffer[TARGET : TARGET + SIZE] = bytes(SIZE)
+    insw()
+    if buffer[TARGET : TARGET + SIZE] != image:
+        raise AssertionError("INSW stored the wrong bytes")
+    return insw
 
 
 def run(quick: bool) -> dict[str, float]:
-    seconds = 1.0 if quick else 4.0
+    seconds = 2.0 if quick else 6.0
     image = bytes((i * 31 + 7) & 0xFF for i in range(SIZE))
+    buffer = bytearray(0x4_0000)
+    buffer[SOURCE : SOURCE + SIZE] = image
+    memory = BufferMemory([(0, buffer)])
     figures: dict[str, float] = {}
-    for bulk in (False, True):
-        kind = "bulk" if bulk else "element"
-        buffer = bytearray(0x4_0000)
-        buffer[SOURCE : SOURCE + SIZE] = image
-        memory = BufferMemory([(0, buffer)])
-
-        router, received = _console(bulk)
-        engine = Engine(router, memory=memory, deadline=None)
-        frame = _intercept(CONSOLE, 1, True)
-
-        def outsb(engine: Engine = engine, frame: bytearray = frame, received: bytearray = received) -> None:
-            received.clear()
-            _execute(engine, frame, SIZE, True)
-
-        figures[f"rep_outsb_{kind}_mb_s"] = _rate(outsb, seconds)
-        assert received == image, "OUTSB moved the wrong bytes"
-
-        router, rewind = _disk(bulk, image)
-        engine = Engine(router, memory=memory, deadline=None)
-        frame = _intercept(DISK, 2, False)
-
-        def insw(engine: Engine = engine, frame: bytearray = frame, rewind: Callable[[], None] = rewind) -> None:
-            rewind()
-            _execute(engine, frame, SIZE // 2, False)
-
-        figures[f"rep_insw_{kind}_mb_s"] = _rate(insw, seconds)
-        assert buffer[TARGET : TARGET + SIZE] == image, "INSW stored the wrong bytes"
-
+    for name in ("outsb", "insw"):
+        if name == "outsb":
+            chunks, elements = _outsb(True, memory, image), _outsb(False, memory, image)
+        else:
+            chunks, elements = _insw(True, memory, buffer, image), _insw(False, memory, buffer, image)
+        bulk, element, ratio = _pair(chunks, elements, seconds)
+        figures.update({f"rep_{name}_bulk_mb_s": bulk, f"rep_{name}_element_mb_s": element,
+                        f"rep_{name}_bulk_ratio": ratio})  # fmt: skip
     source, target = memoryview(image), memoryview(bytearray(SIZE))
 
     def copy() -> None:
         target[:] = source
 
-    figures["memcopy_mb_s"] = _rate(copy, seconds)
-    figures["rep_outsb_bulk_ratio"] = figures["rep_outsb_bulk_mb_s"] / figures["rep_outsb_element_mb_s"]
-    figures["rep_insw_bulk_ratio"] = figures["rep_insw_bulk_mb_s"] / figures["rep_insw_element_mb_s"]
+    figures["memcopy_mb_s"] = _rate(copy, seconds / 4)
     exits = (SIZE + DEFAULT_MAX_ELEMENTS - 1) // DEFAULT_MAX_ELEMENTS
     print(f"64 KiB, at most {DEFAULT_MAX_ELEMENTS} elements per exit ({exits} exits for OUTSB, {exits // 2} for INSW)")
     for name in ("outsb", "insw"):
-        chunked, element = figures[f"rep_{name}_bulk_mb_s"], figures[f"rep_{name}_element_mb_s"]
-        ratio = chunked / element
+        chunked, element, ratio = (
+            figures[f"rep_{name}_{kind}"] for kind in ("bulk_mb_s", "element_mb_s", "bulk_ratio")
+        )
         print(f"rep {name:<5}  bulk {chunked:>8.1f} MB/s   element {element:>6.2f} MB/s   ratio {ratio:>6.1f}")
     print(f"memoryview copy {figures['memcopy_mb_s']:>10.0f} MB/s")
     return figures

@@ -460,22 +460,23 @@ class Engine:
                         plan.vp_index, plan.status.name, plan.reason)
             out.append(plan.completion)
             return None
-        port, is_write, size, count, vp, partition = (plan.port, plan.is_write, plan.size, plan.elements, plan.vp_index,
-                                                      plan.partition)
+        _, partition, vp, port, _, is_write, size, count, *_ = plan
         stats.port_counts[port] += 1
         if not count:
             out.append(plan.completion())
             return None
         router = self.router
-        claim = (router.write_table if is_write else router.read_table)[port]
-        bulk = (router.bulk_write_table if is_write else router.bulk_read_table).get(port) if claim else None
-        data = gather(plan) if is_write else b""
+        if is_write:
+            claim, bulk, data = router.write_table[port], router.bulk_write_table.get(port), gather(plan)
+        else:
+            claim, bulk, data = router.read_table[port], router.bulk_read_table.get(port), b""
+        if claim is None:
+            bulk = None
         template: list[Step]
         new = tuple.__new__  # skips the NamedTuples' Python-level __new__
         deadline = self.deadline
         if bulk is not None:
             chunk = new(BulkAccess, (port, size, count, is_write, data, port - bulk.first, vp, partition))
-            template = [new(Step, (bulk, chunk, 0))]
             is_async = bulk.is_async
             if not is_async:
                 # The bulk fast path: one call moves the chunk.
@@ -483,17 +484,18 @@ class Engine:
                 try:
                     result = bulk.handler(chunk)
                     if not is_write:
-                        result = _bulk_data(result, count * size)
+                        if type(result) is not bytes or len(result) != count * size:
+                            result = _bulk_data(result, count * size)
+                        scatter(plan, result)
                 except Exception as exc:
-                    out.append(self._finish_string(plan, template, [], Status.HANDLER_FAILED, exc))
+                    out.append(self._finish_string(plan, [Step(bulk, chunk, 0)], [], Status.HANDLER_FAILED, exc))
                     return None
                 if deadline is not None and self._clock() - started > deadline:
-                    out.append(self._finish_string(plan, template, [], Status.DEADLINE_EXCEEDED, None))
+                    out.append(self._finish_string(plan, [Step(bulk, chunk, 0)], [], Status.DEADLINE_EXCEEDED, None))
                     return None
-                if not is_write:
-                    scatter(plan, result)  # type: ignore[arg-type]
                 out.append(plan.completion())
                 return None
+            template = [new(Step, (bulk, chunk, 0))]
         elif claim is not None and claim.last >= port + size - 1 and size <= claim.max_size:
             element = new(PortAccess, (port, size, is_write, 0, port - claim.first, vp, partition))
             template = [new(Step, (claim, element, 0))]
@@ -546,7 +548,7 @@ class Engine:
                 stats.memory_errors += 1
                 log.warning("string access to port %#x by partition %d, VP %d: %s", plan.port, plan.partition,
                             plan.vp_index, vanished)
-                return plan._replace(registers=0, rip=0).completion(Status.MEMORY_ERROR, MemoryFault.UNMAPPED)
+                return plan._replace(registers=0).completion(Status.MEMORY_ERROR, MemoryFault.UNMAPPED)
         if status is not Status.COMPLETED:
             self._note_failure(plan.partition, plan.vp_index, plan.port, plan.access_info, plan.is_write, status,
                                error, template)

@@ -130,11 +130,6 @@ class StringPlan(NamedTuple):
     rsi: int
     rdi: int
 
-    @property
-    def done(self) -> bool:
-        """True if this chunk finishes the instruction (the completion advances RIP)."""
-        return bool(self.registers & _RIP)
-
     def completion(self, status: Status = Status.COMPLETED, detail: int = 0) -> bytes:
         """The completion frame for this chunk, having moved all its elements."""
         return _pack(COMPLETION, _PAYLOAD, 0, 0, 0, self.partition, self.vp_index, PROTOCOL_VERSION, status,
@@ -199,6 +194,37 @@ def scatter(plan: StringPlan, data: bytes) -> None:
         position = end
 
 
+class _Where(NamedTuple):
+    # What the frame's bytes before RCX decide about a string intercept.
+    partition: int
+    vp: int
+    port: int
+    access_info: int
+    rip: int
+    next_rip: int
+    rax: int
+    is_write: bool
+    size: int
+    address_size: int
+    rep: bool
+    long_mode: bool
+    paging_possible: bool
+    reverse: bool
+    base: int
+    linear_mask: int
+    limit_low: int
+    limit_high: int
+    align: int  # the element size when alignment is checked, else 0
+    fault: tuple[Status, int, str] | None  # an unusable or unknown segment, once the count is known not to be 0
+    cacheable: bool  # False when the segment came from the segments hook
+
+
+# Re-executions of a REP instruction repeat the same bytes before RCX: the
+# analysis of those bytes is kept (a few hundred instructions at most).
+_WHERE_CACHE: dict[bytes, _Where] = {}
+_WHERE_CACHE_SIZE = 512
+
+
 def plan_string(
     frame: bytes,
     memory: GuestMemory | None,
@@ -213,80 +239,53 @@ def plan_string(
     UNSUPPORTED (Detail: :class:`UnsupportedReason`), MEMORY_ERROR when the
     first element faults (Detail: :class:`~dispatcher.MemoryFault`).
     """
-    (partition, vp, length_cr8, access_type, state, cs_attributes, rip, rflags, port, access_info, byte_count, rax,
-     instruction, rcx, rsi, rdi) = _FIELDS.unpack_from(frame, 8)  # fmt: skip
-    code = 64 if state & 0x10 and cs_attributes & 0x2000 else 32 if cs_attributes & 0x4000 else 16
-    try:
-        _, length, is_write, size, address_size, segment, rep = decode_string_instruction(instruction, byte_count, code)
-    except FieldValueError as error:
-        return _refuse(frame, Status.PROTOCOL_ERROR, error.offset, str(error))
-    if is_write != (access_type == 1):
-        return _refuse(frame, Status.PROTOCOL_ERROR, 21, "the access type contradicts the opcode")
-    if size != access_info & 7 or rep != bool(access_info & 0x10):
-        return _refuse(frame, Status.PROTOCOL_ERROR, 58, "the access info contradicts the instruction bytes")
-    if length != length_cr8 & 0xF:
-        return _refuse(frame, Status.PROTOCOL_ERROR, 20, f"the instruction length is not the {length} decoded")
+    key = frame[8:120]
+    where = _WHERE_CACHE.get(key)
+    if where is None:
+        analysed = _analyse(frame, segments)
+        if isinstance(analysed, Refusal):
+            return analysed
+        where = analysed
+        if where.cacheable:
+            if len(_WHERE_CACHE) >= _WHERE_CACHE_SIZE:
+                _WHERE_CACHE.clear()
+            _WHERE_CACHE[key] = where
+    (partition, vp, port, access_info, rip, next_rip, rax, is_write, size, address_size, rep, long_mode,
+     paging_possible, reverse, base, linear_mask, limit_low, limit_high, align, fault, _) = where  # fmt: skip
     if memory is None:
         return _refuse(frame, Status.UNSUPPORTED, UnsupportedReason.NO_GUEST_MEMORY, "no guest memory here")
+    rcx, rsi, rdi = _COUNTERS.unpack_from(frame, 120)
     amask = (1 << address_size) - 1
     count = rcx & amask if rep else 1
-    next_rip = (rip + length) & (0xFFFF if code == 16 else 0xFFFF_FFFF if code == 32 else _MASK64)
     if count == 0:
         return _new(StringPlan, (memory, partition, vp, port, access_info, is_write, size, 0, False, [], _RIP,
                                  next_rip, rax, rcx, rsi, rdi))  # fmt: skip
-
-    # Where the elements live: the segment, its checks, and how linear becomes physical.
-    frame_offset = _SEGMENT_OFFSETS[segment]
-    if frame_offset:
-        base, limit, selector, attributes = _SEGMENT.unpack_from(frame, frame_offset)
-    elif code == 64 and segment == Segment.SS:
-        base = limit = selector = attributes = 0  # flat: nothing about SS matters
-    else:
-        register = segments(partition, vp, Segment(segment)) if segments is not None else None
-        if register is None:
-            name = Segment(segment).name
-            return _refuse(frame, Status.UNSUPPORTED, UnsupportedReason.SEGMENT_NOT_CARRIED, f"{name} is not known")
-        base, limit, selector, attributes = register
-    if state & 0x10 and translate is None:
+    if long_mode and translate is None:
         return _refuse(frame, Status.UNSUPPORTED, UnsupportedReason.NEEDS_TRANSLATION, "long mode needs a hook")
-    paged = translate if state & 0x04 else None
-    v86 = state & 0x04 and rflags & _VM
-    align_check = size > 1 and state & 0x08 and rflags & _AC and (v86 or state & 3 == 3)
-    if code == 64:
-        # No limit checks; CS/DS/ES/SS have base 0, FS/GS their own.
-        base = base if segment >= Segment.FS else 0
-        linear_mask, limit_low, limit_high = _MASK64, 0, 1 << 65
-    else:
-        base, linear_mask = base & 0xFFFF_FFFF, 0xFFFF_FFFF
-        if state & 0x04 and not v86 and _segment_unusable(segment, selector, attributes, is_write):
-            return _refuse(frame, Status.MEMORY_ERROR, MemoryFault.SEGMENT, "the segment cannot be used (#GP)")
-        if attributes & 0x1C == 0x14:  # a data segment that expands down
-            limit_low, limit_high = limit + 1, 0xFFFF_FFFF if attributes & 0x4000 else 0xFFFF
-        else:
-            limit_low, limit_high = 0, limit
+    if fault is not None:
+        return _refuse(frame, *fault)
+    paged = translate if paging_possible else None
 
     index = rsi if is_write else rdi
     first = index & amask
-    reverse = bool(rflags & _DF)
     n = count if count < max_elements else max_elements
     span = n * size
     low = first - span + size if reverse else first
     runs: list[tuple[int, list[tuple[int, int]]]] | int = 0
     # The common case at once: one stretch of offsets, inside the limits and
     # one backed range, no paging or alignment check.
-    if paged is None and not align_check and limit_low <= low and low + span - size <= amask:
+    if paged is None and not align and limit_low <= low and low + span - size <= amask:
         linear = (base + low) & linear_mask
         fits = low + span - 1 <= limit_high and linear + span <= linear_mask + 1
         if fits and not memory.check(linear, span, write=not is_write):
             runs = [(n, [(linear, span)])]
     faulted = False
     if not runs:
-        mapper = _Mapper(memory, not is_write, partition, vp, paged, base, linear_mask, limit_low, limit_high,
-                         size if align_check else 0)  # fmt: skip
+        mapper = _Mapper(memory, not is_write, partition, vp, paged, base, linear_mask, limit_low, limit_high, align)
         runs = mapper.runs(first, n, size, reverse, amask)
         if isinstance(runs, int):
-            n, fault = mapper.first_fault(first, n, size, reverse, amask)
-            runs = mapper.runs(first, n, size, reverse, amask) if n else fault
+            n, found = mapper.first_fault(first, n, size, reverse, amask)
+            runs = mapper.runs(first, n, size, reverse, amask) if n else found
             if isinstance(runs, int):
                 return _refuse(frame, Status.MEMORY_ERROR, runs, f"{MemoryFault(runs).name} at offset {first:#x}")
             faulted = True  # not done: the re-executed instruction faults
@@ -304,6 +303,54 @@ def plan_string(
         rip = next_rip
     return _new(StringPlan, (memory, partition, vp, port, access_info, is_write, size, n, reverse, runs, registers,
                              rip, rax, rcx, rsi, rdi))  # fmt: skip
+
+
+def _analyse(frame: bytes, segments: SegmentSource | None) -> _Where | Refusal:
+    # Decode the instruction, check it against the frame, and find its segment.
+    (partition, vp, length_cr8, access_type, state, cs_attributes, rip, rflags, port, access_info, byte_count, rax,
+     instruction, _, _, _) = _FIELDS.unpack_from(frame, 8)  # fmt: skip
+    code = 64 if state & 0x10 and cs_attributes & 0x2000 else 32 if cs_attributes & 0x4000 else 16
+    try:
+        _, length, is_write, size, address_size, segment, rep = decode_string_instruction(instruction, byte_count, code)
+    except FieldValueError as error:
+        return _refuse(frame, Status.PROTOCOL_ERROR, error.offset, str(error))
+    if is_write != (access_type == 1):
+        return _refuse(frame, Status.PROTOCOL_ERROR, 21, "the access type contradicts the opcode")
+    if size != access_info & 7 or rep != bool(access_info & 0x10):
+        return _refuse(frame, Status.PROTOCOL_ERROR, 58, "the access info contradicts the instruction bytes")
+    if length != length_cr8 & 0xF:
+        return _refuse(frame, Status.PROTOCOL_ERROR, 20, f"the instruction length is not the {length} decoded")
+    next_rip = (rip + length) & (0xFFFF if code == 16 else 0xFFFF_FFFF if code == 32 else _MASK64)
+    fault: tuple[Status, int, str] | None = None
+    frame_offset = _SEGMENT_OFFSETS[segment]
+    cacheable = bool(frame_offset) or (code == 64 and segment == Segment.SS)
+    if frame_offset:
+        base, limit, selector, attributes = _SEGMENT.unpack_from(frame, frame_offset)
+    elif cacheable:
+        base = limit = selector = attributes = 0  # SS in 64-bit mode: flat, nothing about it matters
+    else:
+        register = segments(partition, vp, Segment(segment)) if segments is not None else None
+        if register is None:
+            fault = (Status.UNSUPPORTED, UnsupportedReason.SEGMENT_NOT_CARRIED, f"{Segment(segment).name} is not known")
+            register = SegmentRegister()
+        base, limit, selector, attributes = register
+    v86 = state & 0x04 and rflags & _VM
+    align = size if size > 1 and state & 0x08 and rflags & _AC and (v86 or state & 3 == 3) else 0
+    if code == 64:
+        # No limit checks; CS/DS/ES/SS have base 0, FS/GS their own.
+        base = base if segment >= Segment.FS else 0
+        linear_mask, limit_low, limit_high = _MASK64, 0, 1 << 65
+    else:
+        base, linear_mask = base & 0xFFFF_FFFF, 0xFFFF_FFFF
+        if fault is None and state & 0x04 and not v86 and _segment_unusable(segment, selector, attributes, is_write):
+            fault = (Status.MEMORY_ERROR, MemoryFault.SEGMENT, "the segment cannot be used (#GP)")
+        if attributes & 0x1C == 0x14:  # a data segment that expands down
+            limit_low, limit_high = limit + 1, 0xFFFF_FFFF if attributes & 0x4000 else 0xFFFF
+        else:
+            limit_low, limit_high = 0, limit
+    return _Where(partition, vp, port, access_info, rip, next_rip, rax, is_write, size, address_size, rep,
+                  bool(state & 0x10), bool(state & 0x04), bool(rflags & _DF), base, linear_mask, limit_low,
+                  limit_high, align, fault, cacheable)  # fmt: skip
 
 
 def _refuse(frame: bytes, status: Status, detail: int, reason: str) -> Refusal:
