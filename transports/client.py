@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -64,11 +65,15 @@ def io_intercept(
     ).to_bytes()
 
 
+_KEY = struct.Struct("<QI")
+
+
 def _vp_key(frame: bytes) -> tuple[int, int]:
     # Where the service finds the VP of a frame, including one it rejects.
-    partition = int.from_bytes(frame[8:16], "little") if len(frame) >= 16 else 0
-    vp = int.from_bytes(frame[16:20], "little") if len(frame) >= 20 else UNKNOWN_VP
-    return partition, vp
+    if len(frame) >= 20:
+        key: tuple[int, int] = _KEY.unpack_from(frame, 8)
+        return key
+    return int.from_bytes(frame[8:16], "little") if len(frame) >= 16 else 0, UNKNOWN_VP
 
 
 class _Waiter:
@@ -78,6 +83,12 @@ class _Waiter:
         self.event = anyio.Event()
         self.completion: Completion | None = None
         self.error: BaseException | None = None
+
+    def result(self) -> Completion:
+        if self.error is not None:
+            raise self.error
+        assert self.completion is not None
+        return self.completion
 
 
 class ServiceClient:
@@ -115,7 +126,17 @@ class ServiceClient:
         connection ends first. If the call is cancelled after sending, the
         VP stays busy until its completion arrives and is discarded.
         """
-        return (await self.exchange_many([frame]))[0]
+        if self._error is not None:
+            raise self._error
+        key = _vp_key(frame)
+        if key in self._waiting:
+            raise RuntimeError(f"partition {key[0]}, VP {key[1]:#x} already has an intercept in flight")
+        # Once registered, the frame is sent even if this call is cancelled,
+        # and the waiter stays registered until its completion arrives.
+        waiter = self._waiting[key] = _Waiter()
+        await self._submit((frame,))
+        await waiter.event.wait()
+        return waiter.result()
 
     async def exchange_many(self, frames: Sequence[bytes]) -> list[Completion]:
         """Send intercepts for several VPs in one write; return their completions in the same order."""
@@ -125,19 +146,11 @@ class ServiceClient:
         if len(set(keys)) != len(keys) or any(key in self._waiting for key in keys):
             raise RuntimeError(f"a VP among partition/VP {keys} already has an intercept in flight")
         waiters = [_Waiter() for _ in frames]
-        # Once registered, the frames are sent even if this call is cancelled,
-        # and each waiter stays registered until its completion arrives.
         self._waiting.update(zip(keys, waiters, strict=True))
         await self._submit(frames)
         for waiter in waiters:
             await waiter.event.wait()
-        results = []
-        for waiter in waiters:
-            if waiter.error is not None:
-                raise waiter.error
-            assert waiter.completion is not None
-            results.append(waiter.completion)
-        return results
+        return [waiter.result() for waiter in waiters]
 
     async def _submit(self, frames: Sequence[bytes]) -> None:
         self._outbox.extend(frames)

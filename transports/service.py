@@ -122,7 +122,7 @@ class ServiceConfig:
     stdio: bool = False
     mode: int = DEFAULT_MODE
     allow_uid: frozenset[int] | None = None
-    deadline: float | None = 1.0
+    deadline: float | None = 5.0
     stats_interval: float | None = None
     grace: float = 5.0
     log_level: str = "INFO"
@@ -173,7 +173,7 @@ class Service:
         self,
         router: Router,
         *,
-        deadline: float | None = 1.0,
+        deadline: float | None = 5.0,
         allow_uid: frozenset[int] | None = None,
         grace: float = 5.0,
     ) -> None:
@@ -382,7 +382,7 @@ def _parser() -> argparse.ArgumentParser:
         help="accept connections only from this user id or name (SO_PEERCRED); repeatable",
     )
     parser.add_argument(
-        "--deadline", type=float, metavar="SECONDS", help="longest a handler may take; 0 for no limit (default 1)"
+        "--deadline", type=float, metavar="SECONDS", help="longest a handler may take; 0 for no limit (default 5)"
     )
     parser.add_argument("--stats-interval", type=float, metavar="SECONDS", help="log statistics this often")
     parser.add_argument(
