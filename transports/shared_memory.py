@@ -233,6 +233,10 @@ class SharedMemoryTransport(Transport):
         self.guest_memory.remove(guest_physical)
         mapping.close()
 
+    def stop_reading(self) -> None:
+        """Stop reading; the frames that had arrived are still delivered (see ``FdStreamTransport``)."""
+        self.transport.stop_reading()
+
     async def send_batch(self, frames: Sequence[bytes]) -> None:
         await self.transport.send_batch(frames)
 

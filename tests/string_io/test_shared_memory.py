@@ -236,3 +236,22 @@ async def test_a_region_frame_without_its_descriptor_closes_the_connection() -> 
     async with served(router) as vmm:
         await vmm.send_batch([encode_region(0, PAGE)])  # no SCM_RIGHTS: the descriptor queue is out of step
         assert await vmm.receive_batch() == []
+
+
+async def test_a_graceful_stop_answers_what_had_arrived() -> None:
+    router = Router()
+    router.add(Port().handle, PORT, 2)
+    vmm_socket, service_socket = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    vmm = UnixTransport(vmm_socket)
+    dispatcher = Dispatcher(router, deadline=None)
+    with memfd(PAGE) as (fd, _):
+        async with anyio.create_task_group() as tg:
+            await tg.start(dispatcher.serve, with_shared_memory(UnixTransport(service_socket)))
+            await share_region(vmm, 0, fd, PAGE)
+            await vmm.send_batch([string_frame(outs=False, rcx=2, index=0x10)])
+            await anyio.wait_all_tasks_blocked()
+            dispatcher.stop()
+            replies = await vmm.receive_batch()
+            assert [decode_completion(frame).status for frame in replies] == [Status.COMPLETED]
+            assert await vmm.receive_batch() == []  # then the service closes the connection
+        await vmm.aclose()
