@@ -34,6 +34,7 @@ from dispatcher import Dispatcher, DispatchError, PortRange, Router, TransportEr
 from . import systemd
 from .fdstream import FdStreamTransport
 from .pipe import stdio_transport
+from .shared_memory import with_shared_memory
 from .stats import LatencySamples, format_stats
 from .unix import DEFAULT_MODE, UnixListener, UnixTransport, default_socket_path
 
@@ -230,7 +231,7 @@ class Service:
             with scope:
                 await transport.send_batch(self._announcement)
                 transport.latency = self.latency
-                await self.dispatcher.serve(transport)
+                await self.dispatcher.serve(with_shared_memory(transport))
         except TransportError as error:
             log.info("%s: %s", transport.name, error)
         except Exception:
