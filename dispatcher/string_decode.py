@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from .errors import FieldValueError
 
-__all__ = ["Segment", "StringInstruction", "code_size", "decode_string_instruction"]
+__all__ = ["Segment", "StringInstruction", "decode_string_instruction"]
 
 _BYTES_OFFSET = 72  # InstructionBytes in the intercept frame
 _COUNT_OFFSET = 59  # InstructionByteCount
@@ -62,17 +62,12 @@ class StringInstruction(NamedTuple):
     rep: bool
 
 
-def code_size(execution_state: int, cs_attributes: int) -> int:
-    """The default operand and address size of the code: 64 in 64-bit mode (EFER.LMA and
-    CS.L), else 32 when CS.D is set, else 16."""
-    if execution_state & 0x10 and cs_attributes & 0x2000:
-        return 64
-    return 32 if cs_attributes & 0x4000 else 16
-
-
 @lru_cache(maxsize=512)
 def decode_string_instruction(data: bytes, count: int, code: int) -> StringInstruction:
     """Decode the first ``count`` bytes of ``data`` as INS or OUTS in code of ``code`` bits.
+
+    The code size is 64 in 64-bit mode (EFER.LMA and CS.L), else 32 with CS.D
+    set, else 16.
 
     Several prefixes of a group act as the last of them (what processors
     do; the SDM leaves it undefined). A REX prefix (64-bit mode only) has no

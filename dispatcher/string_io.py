@@ -332,7 +332,7 @@ def _analyse(frame: bytes, segments: SegmentSource | None) -> _Where | Refusal:
         register = segments(partition, vp, Segment(segment)) if segments is not None else None
         if register is None:
             fault = (Status.UNSUPPORTED, UnsupportedReason.SEGMENT_NOT_CARRIED, f"{Segment(segment).name} is not known")
-            register = SegmentRegister()
+            register = SegmentRegister()  # stands in until the fault is answered
         base, limit, selector, attributes = register
     v86 = state & 0x04 and rflags & _VM
     align = size if size > 1 and state & 0x08 and rflags & _AC and (v86 or state & 3 == 3) else 0
