@@ -132,10 +132,6 @@ class BufferMemory(GuestMemory):
             return MemoryFault.UNMAPPED
         entries = self._entries
         start, end, buffer, writable = entries[index]
-        if address + length <= end:
-            if write and not writable:
-                return MemoryFault.READ_ONLY
-            return [(buffer, address - start, length)]
         pieces: list[tuple[Buffer, int, int]] = []
         while length > 0:
             if address >= end:
@@ -160,7 +156,7 @@ class BufferMemory(GuestMemory):
             return 0
         # The common case inline: the whole range inside one region.
         index = bisect_right(self._starts, address) - 1
-        if index >= 0 <= address:
+        if index >= 0 and address >= 0:
             _, end, _, writable = self._entries[index]
             if address + length <= end:
                 return MemoryFault.READ_ONLY if write and not writable else 0
@@ -170,7 +166,7 @@ class BufferMemory(GuestMemory):
     def read(self, address: int, length: int) -> bytes:
         # The common case inline: the whole range inside one region.
         index = bisect_right(self._starts, address) - 1
-        if index >= 0 <= address < length + address:
+        if index >= 0 and address >= 0 and length > 0:
             start, end, buffer, _ = self._entries[index]
             if address + length <= end:
                 return bytes(buffer[address - start : address - start + length])
@@ -181,9 +177,6 @@ class BufferMemory(GuestMemory):
         pieces = self._pieces(address, length, False)
         if isinstance(pieces, int):
             raise GuestMemoryError("not backed by any region", address=address, length=length)
-        if len(pieces) == 1:
-            buffer, offset, n = pieces[0]
-            return bytes(buffer[offset : offset + n])
         return b"".join(bytes(buffer[offset : offset + n]) for buffer, offset, n in pieces)
 
     def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
@@ -193,7 +186,7 @@ class BufferMemory(GuestMemory):
         if not length:
             return
         index = bisect_right(self._starts, address) - 1
-        if index >= 0 <= address:
+        if index >= 0 and address >= 0:
             start, end, buffer, writable = self._entries[index]
             if address + length <= end and writable:
                 buffer[address - start : address - start + length] = data  # type: ignore[index]
