@@ -320,6 +320,11 @@ class Vm:
 
     # --- vCPUs ---
 
+    @property
+    def vcpus(self) -> tuple[Vcpu, ...]:
+        """The vCPUs, in creation order."""
+        return tuple(self._vcpus)
+
     def create_vcpu(self, index: int | None = None) -> Vcpu:
         """Create a vCPU (``index`` defaults to the next free one) with the host-supported CPUID."""
         if self.closed:
@@ -369,6 +374,11 @@ class Vcpu:
     def fd(self) -> int:
         """The vCPU file descriptor."""
         return self._fd
+
+    @property
+    def run_map(self) -> mmap.mmap:
+        """The vCPU's shared ``kvm_run`` mapping (header, sync registers, then the I/O data page)."""
+        return self._run_map
 
     def close(self) -> None:
         """Unmap ``kvm_run`` and close the vCPU fd. Idempotent."""

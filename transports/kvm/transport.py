@@ -1,0 +1,281 @@
+"""A KVM VM's vCPUs as a dispatcher transport: port I/O exits in, completions out.
+
+::
+
+    vm = Vm(); vm.add_ram(0, 2 << 20); vcpu = vm.create_vcpu(); ...
+    transport = KvmTransport(vm, [vcpu])
+    dispatcher = transport.dispatcher(router)      # guest memory, translation and segments wired in
+    await dispatcher.serve(transport)              # returns when every vCPU has stopped
+    print(transport.stops)                         # why each one stopped
+
+Each vCPU runs in its own thread (:class:`~transports.kvm.runner.VcpuRunner`);
+the event loop thread builds the intercept frames, runs the dispatcher,
+plans each completion and runs the interrupt acknowledge cycle, so device
+models are only ever called from the loop thread.
+
+Interrupts: give an ``interrupts`` controller (``pending_vector()`` and
+``acknowledge()``, as :class:`examples.pic.PicPair` has) and wire its
+output to the transport, which is an :class:`~dispatcher.IrqReceiver` whose
+line number is the VP index: ``IrqLine(transport, 0, "INTR")``. When the line
+is high, the vCPU injects the acknowledged vector as soon as the guest can
+take it (``KVM_INTERRUPT``, or ``request_interrupt_window`` first), and a
+``HLT`` waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import anyio
+
+from dispatcher import Dispatcher, Registers, Router, SegmentRegister, Transport, TransportError
+
+from .handoff import HandoffMethod, ThreadToLoop
+from .hostinfo import out_advances_rip
+from .intercept import (
+    REFUSED,
+    FrameBuilder,
+    IoCapture,
+    IoDecodeError,
+    PendingIo,
+    PostedOut,
+    plan_completion,
+    read_completion,
+)
+from .memory import vm_memory
+from .runner import ACKNOWLEDGE, FINISHED, WAKE, StopReason, VcpuRunner, VcpuStop
+from .vm import KVM_PATH, KvmError, Vcpu, Vm
+
+__all__ = ["InterruptController", "KvmTransport"]
+
+log = logging.getLogger("transports.kvm")
+
+_POSTED_LATENCY = 0.001  # seconds a posted write may wait before the loop looks for it
+_RIP_BIT, _RAX_BIT = int(Registers.RIP), int(Registers.RAX)
+_NOT_OUT = int(Registers.RCX | Registers.RSI | Registers.RDI)
+
+
+class InterruptController(Protocol):
+    """What a vCPU asks about external interrupts (an i8259A pair answers this)."""
+
+    def pending_vector(self) -> int | None: ...
+
+    def acknowledge(self) -> int: ...
+
+
+class KvmTransport(Transport):
+    """The vCPUs of ``vm`` (all of them by default) as one dispatcher connection.
+
+    ``partition`` goes into every intercept's SourcePartition. With
+    ``posted_writes`` (the default) a non-string OUT does not hold up its
+    vCPU (see :mod:`transports.kvm.runner`). ``handoff`` picks how vCPU
+    threads wake the loop (:mod:`transports.kvm.handoff`). ``stops`` lists,
+    once each thread has ended, why.
+    """
+
+    def __init__(
+        self,
+        vm: Vm,
+        vcpus: Sequence[Vcpu] | None = None,
+        *,
+        partition: int = 0,
+        posted_writes: bool = True,
+        interrupts: InterruptController | None = None,
+        handoff: HandoffMethod = "auto",
+        kvm_path: str = KVM_PATH,
+    ) -> None:
+        vcpus = list(vcpus) if vcpus is not None else list(vm.vcpus)
+        if not vcpus:
+            raise KvmError("the transport needs at least one vCPU")
+        self.vm = vm
+        self.partition = partition
+        self.interrupts = interrupts
+        self.guest_memory = vm_memory(vm)
+        self.out_rip_advanced = out_advances_rip(kvm_path)
+        self.stops: list[VcpuStop] = []
+        self.intercepts = 0
+        self.posted = 0
+        self.slow_completions = 0
+        self._queue: ThreadToLoop[tuple[VcpuRunner, Any]] = ThreadToLoop(handoff)
+        self._runners = {
+            v.index: VcpuRunner(self, v, posted_writes=posted_writes, takes_interrupts=interrupts is not None)
+            for v in vcpus
+        }
+        self._builders = {
+            index: FrameBuilder(vp_index=index, partition=partition, out_rip_advanced=self.out_rip_advanced,
+                                read_linear=runner.reader.read)
+            for index, runner in self._runners.items()
+        }  # fmt: skip
+        self._live = len(self._runners)
+        self._started = False
+        self._closed = False
+
+    @property
+    def runners(self) -> list[VcpuRunner]:
+        return list(self._runners.values())
+
+    def dispatcher(self, router: Router, **options: Any) -> Dispatcher:
+        """A :class:`~dispatcher.Dispatcher` for ``router`` with this VM's memory, translation and segments."""
+        return Dispatcher(router, memory=self.guest_memory, translate=self.translate, segments=self.segments, **options)
+
+    # -- from the threads ---------------------------------------------------------------------
+
+    def put(self, item: tuple[VcpuRunner, Any], *, urgent: bool = True) -> None:
+        """Queue an item for the loop; a posted write is not ``urgent`` (see :meth:`ThreadToLoop.put`)."""
+        self._queue.put(item, urgent=urgent)
+
+    def wake_loop(self) -> None:
+        """Have the loop look at the queue now (a vCPU waits for its posted writes)."""
+        self._queue.wake()
+
+    def runner_finished(self, runner: VcpuRunner) -> None:
+        self._queue.put((runner, FINISHED))
+
+    # -- the interrupt line (loop thread) ------------------------------------------------------
+
+    def set_irq(self, line: int, level: bool) -> None:
+        """The INTR input of VP ``line`` (the :class:`~dispatcher.IrqReceiver` protocol)."""
+        runner = self._runners.get(line)
+        if runner is None:
+            raise ValueError(f"no VP {line} to take an interrupt line")
+        runner.interrupt_level = level
+        if level:
+            runner.interrupt_raised()
+
+    def stop(self, detail: str = "stopped by the VMM") -> None:
+        """Stop every vCPU; :meth:`receive_batch` returns an empty batch once all have."""
+        for runner in self._runners.values():
+            runner.stop(detail)
+
+    # -- the dispatcher's side ----------------------------------------------------------------
+
+    async def receive_batch(self) -> list[bytes]:
+        if self._closed:
+            return []
+        if not self._started:
+            self._started = True
+            for runner in self._runners.values():
+                runner.start()
+        while True:
+            frames = [frame for item in self._queue.drain() if (frame := self._take(*item)) is not None]
+            if frames:
+                return frames
+            if self._live == 0:
+                return []
+            # Posted writes wake the loop only in batches; look at least every millisecond while any are out.
+            outstanding = any(r.posted != r.completed for r in self._runners.values())
+            await self._queue.wait(_POSTED_LATENCY if outstanding else None)
+
+    def _take(self, runner: VcpuRunner, item: Any) -> bytes | None:
+        if isinstance(item, IoCapture):
+            return self._intercept(runner, item)
+        if item is ACKNOWLEDGE:
+            vector = None
+            if runner.interrupt_level and self.interrupts is not None and self.interrupts.pending_vector() is not None:
+                vector = self.interrupts.acknowledge()
+            runner.inbox.put(vector)
+        elif item is FINISHED:
+            self._live -= 1
+            if runner.result is not None:
+                self.stops.append(runner.result)
+                log.info("%s", runner.result)
+        return None
+
+    def _intercept(self, runner: VcpuRunner, capture: IoCapture) -> bytes | None:
+        builder = self._builders[runner.vp_index]
+        posted = runner.posting and capture.plain_out
+        self.intercepts += 1
+        try:
+            if posted:
+                built = builder.simple(capture)
+                assert built is not None  # a plain OUT decodes as a non-string OUT
+                frame, template = built
+                # A posted write needs only what its completion must confirm: RIP past the OUT, RAX unchanged.
+                runner.in_flight.append(PostedOut(template.next_rip, capture.regs[0], capture.port, template.at))
+                self.posted += 1
+                return frame
+            pending = builder.build(capture)
+        except IoDecodeError as error:
+            if posted:
+                runner.completed += 1
+            runner.stop(f"VP {runner.vp_index}: {error}", StopReason.ERROR)
+            return None
+        runner.in_flight.append(pending)
+        return pending.frame
+
+    async def send_batch(self, frames: Sequence[bytes]) -> None:
+        for frame in frames:
+            try:
+                fields = read_completion(frame)
+            except KvmError as error:
+                raise TransportError(f"KVM transport: {error}") from error
+            runner = self._runners.get(fields.vp_index)
+            if runner is None or fields.partition != self.partition or not runner.in_flight:
+                log.warning("completion for partition %d, VP %#x, which has nothing in flight",
+                            fields.partition, fields.vp_index)  # fmt: skip
+                continue
+            pending = runner.in_flight.popleft()
+            if isinstance(pending, PostedOut):
+                runner.completed += 1
+                next_rip, rax, port, at = pending
+                named, (rip, new_rax) = fields.registers, fields.values[:2]
+                if (
+                    fields.status in REFUSED
+                    or named & _NOT_OUT
+                    or named & _RIP_BIT == 0
+                    or rip != next_rip
+                    or (named & _RAX_BIT and new_rax != rax)
+                ):
+                    runner.stop(
+                        f"the completion of a posted OUT to port {port:#x} at RIP {at:#x} asks for a state the "
+                        f"guest has already left (status {fields.status}, registers {named:#x}, RIP {rip:#x})",
+                        StopReason.ERROR,
+                    )
+                elif runner.fencing and runner.completed == runner.posted:
+                    runner.inbox.put(WAKE)
+                continue
+            action = plan_completion(pending, fields, self._read_chunk)
+            self.slow_completions += action.registers is not None
+            runner.inbox.put(action)
+
+    def _read_chunk(self, pending: PendingIo) -> bytes:
+        # The bytes KVM will store for an INS chunk, read back from guest memory in its order.
+        size, count = pending.size, pending.count
+        low = pending.chunk - (count - 1) * size if pending.reverse else pending.chunk
+        data = self._runners[pending.vp_index].reader.read(low, size * count)
+        if data is None:
+            return b"\xff" * (size * count)  # not RAM: KVM's store ends up as dropped MMIO writes
+        if pending.reverse and count > 1:
+            data = b"".join(data[i : i + size] for i in range(len(data) - size, -1, -size))
+        return data
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.stop("the transport was closed")
+        with anyio.CancelScope(shield=True):
+            for runner in self._runners.values():
+                while not runner.join(0):
+                    await anyio.sleep(0.01)
+        for runner, item in self._queue.drain():
+            if item is FINISHED:
+                self._take(runner, item)
+        self._queue.close()
+
+    # -- hooks for the dispatcher's string I/O (loop thread, while the VP waits) ---------------------------
+
+    def translate(self, partition: int, vp_index: int, linear: int, write: bool) -> int | None:
+        """Guest-physical address of ``linear`` for VP ``vp_index`` (KVM_TRANSLATE once it pages)."""
+        runner = self._runners.get(vp_index)
+        return runner.reader.physical(linear) if runner is not None else None
+
+    def segments(self, partition: int, vp_index: int, segment: int) -> SegmentRegister | None:
+        """The VP's ES, CS, SS, DS, FS or GS (numbered as the x86 encodes them) as of its last exit."""
+        runner = self._runners.get(vp_index)
+        context = runner.context if runner is not None else None
+        if context is None or not 0 <= segment <= 5:
+            return None
+        return (context.es, context.cs, context.ss, context.ds, context.fs, context.gs)[segment]
