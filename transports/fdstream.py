@@ -74,10 +74,6 @@ class FdStreamTransport(Transport):
         if self._write_fd != self._read_fd:
             os.close(self._write_fd)
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     async def receive_batch(self) -> list[bytes]:
         """Wait for at least one whole frame; return every whole frame the kernel holds.
 
