@@ -27,6 +27,8 @@ __all__ = [
     "GuestInfo",
     "guest_bytes",
     "guest_source",
+    "mbr_checksum",
+    "mbr_checksum_image",
     "out_loop_image",
 ]
 
@@ -65,6 +67,11 @@ GUESTS: Final[dict[str, GuestInfo]] = {
         GuestInfo("io_probe", "all", "I/O cases in real, 32-bit and 64-bit mode for transports.kvm.probe"),
         GuestInfo("rom_check", "real", "far-calls code in a ROM slot at 0xF0000 and tries to overwrite a ROM byte"),
         GuestInfo("irq_real", "real", "takes vector 0x20 injected with KVM_INTERRUPT, reports it on port 0xE0"),
+        GuestInfo(
+            "mbr_checksum",
+            "real",
+            "boot sector: reads sectors from LBA 1 with INT 13h, prints their checksum on COM1, exits 0",
+        ),
     )
 }
 
@@ -90,3 +97,24 @@ def out_loop_image(count: int) -> bytes:
     image = bytearray(guest_bytes("out_loop"))
     struct.pack_into("<I", image, OUT_LOOP_COUNT_OFFSET, count)
     return bytes(image)
+
+
+MBR_CHUNK_OFFSET: Final = 0x1B4  # u16 sectors per INT 13h call in mbr_checksum.bin
+MBR_SECTORS_OFFSET: Final = 0x1B6  # u16 sectors read in all
+
+
+def mbr_checksum_image(sectors: int = 64, chunk: int = 8) -> bytes:
+    """``mbr_checksum`` patched to read ``sectors`` sectors from LBA 1, ``chunk`` per INT 13h call."""
+    if not 1 <= sectors <= 1024 or not 1 <= chunk <= 127:
+        raise ValueError(f"sectors {sectors} must be 1..1024 and chunk {chunk} 1..127")
+    image = bytearray(guest_bytes("mbr_checksum"))
+    struct.pack_into("<HH", image, MBR_CHUNK_OFFSET, chunk, sectors)
+    return bytes(image)
+
+
+def mbr_checksum(data: bytes) -> int:
+    """What ``mbr_checksum`` prints for these bytes: sum = rol32(sum, 5) + byte, over every byte."""
+    total = 0
+    for byte in data:
+        total = (((total << 5) | (total >> 27)) + byte) & 0xFFFF_FFFF
+    return total

@@ -17,6 +17,9 @@ from .exits import (
     SystemEventExit,
     VcpuExit,
 )
+from .memory import LinearReader, vm_memory
+from .runner import StopReason, VcpuStop
+from .transport import InterruptController, KvmTransport
 from .vm import (
     KICK_SIGNAL,
     PAGE_SIZE,
@@ -37,22 +40,28 @@ __all__ = [
     "FailEntryExit",
     "HltExit",
     "InternalErrorExit",
+    "InterruptController",
     "InterruptedExit",
     "IoDirection",
     "IoExit",
     "IrqWindowOpenExit",
     "KvmError",
+    "KvmTransport",
     "KvmUnavailableError",
+    "LinearReader",
     "MemoryRegion",
     "MmioExit",
     "OtherExit",
     "ShutdownExit",
+    "StopReason",
     "SystemEventExit",
     "Vcpu",
     "VcpuExit",
+    "VcpuStop",
     "Vm",
     "boot_flat_image",
     "install_kick_handler",
     "kvm_available",
     "reset_to_real_mode",
+    "vm_memory",
 ]

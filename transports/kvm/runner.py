@@ -115,6 +115,7 @@ class VcpuRunner:
         self.posting = posted_writes and transport.out_rip_advanced
         self.takes_interrupts = takes_interrupts
         self.interrupt_level = False  # the INTR line into this vCPU, set on the loop thread
+        self.window_requested = False  # KVM was asked to exit when the guest can take an interrupt
         self.reader = LinearReader(transport.guest_memory, transport.vm.regions, vcpu.translate)
         self.inbox: queue.SimpleQueue[Action | _Signal | int | None] = queue.SimpleQueue()
         self.in_flight: deque[PendingIo | PostedOut] = deque()  # loop thread only
@@ -278,6 +279,7 @@ class VcpuRunner:
             return self._halt(if_flag)
         if reason == _abi.KVM_EXIT_IRQ_WINDOW_OPEN:
             run.request_interrupt_window = 0
+            self.window_requested = False
             return None
         if reason == _abi.KVM_EXIT_INTR:
             return None
@@ -356,6 +358,7 @@ class VcpuRunner:
         run = self.vcpu.kvm_run
         if not (run.ready_for_interrupt_injection and run.if_flag):
             run.request_interrupt_window = 1
+            self.window_requested = True
             return
         self._fence()
         self.transport.put((self, ACKNOWLEDGE))  # the interrupt acknowledge cycle runs on the loop thread
@@ -366,6 +369,7 @@ class VcpuRunner:
             if self.stopping:
                 return
         run.request_interrupt_window = 0
+        self.window_requested = False
         if message is not None:
             self.vcpu.inject_interrupt(message)
 

@@ -164,9 +164,16 @@ class KvmTransport(Transport):
                 return frames
             if self._live == 0:
                 return []
-            # Posted writes wake the loop only in batches; look at least every millisecond while any are out.
-            outstanding = any(r.posted != r.completed for r in self._runners.values())
-            await self._queue.wait(_POSTED_LATENCY if outstanding else None)
+            # Posted writes wake the loop only in batches: look at least every millisecond while any are out.
+            # A requested interrupt window is not always reported promptly (on kvm-pvm only at the next
+            # in-kernel exit, which a spinning guest may never make): kick such a vCPU every millisecond.
+            runners = self._runners.values()
+            outstanding = any(r.posted != r.completed for r in runners)
+            waiting = [r for r in runners if r.window_requested and r.interrupt_level]
+            await self._queue.wait(_POSTED_LATENCY if outstanding or waiting else None)
+            for runner in waiting:
+                if runner.window_requested and runner.in_guest:
+                    runner.vcpu.kick()
 
     def _take(self, runner: VcpuRunner, item: Any) -> bytes | None:
         if isinstance(item, IoCapture):

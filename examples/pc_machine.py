@@ -1,0 +1,160 @@
+"""A PC on KVM: the example devices (:func:`examples.machine.build_pc`) behind a real vCPU.
+
+::
+
+    result = anyio.run(run_pc, PcConfig(bios=Path("/usr/share/seabios/bios.bin").read_bytes(), timeout=60))
+    print(result.reason, result.exit_status)
+
+Memory: RAM from 0 (``memory_size``), the BIOS image read-only just below
+4 GiB where the reset vector fetches it, and a copy in RAM just below
+1 MiB (the "shadowed" BIOS that PC firmware runs from and writes to). One
+vCPU starts at the reset vector. The machine loop brings the timers up to
+date (PIT, RTC, UART) at their next due time, at least every
+``poll_interval``, so a halted vCPU is woken by IRQ 0 as on a PC; the
+i8259A pair's INTR output goes to the vCPU, which acknowledges and injects
+(:mod:`transports.kvm.transport`).
+
+It ends when the guest writes the exit device (``exit_status``), asks for a
+reset, the vCPU stops (triple fault, HLT with interrupts off, an error), or
+``timeout`` seconds pass (:attr:`PcResult.reason` says which).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from dispatcher import Dispatcher, IrqLine
+from transports.kvm import KvmTransport, StopReason, Vm
+
+from .ata import AtaDisk
+from .machine import PC, build_pc
+
+__all__ = ["BIOS_TOP", "PcConfig", "PcResult", "build_vm", "run_pc"]
+
+MiB = 1 << 20
+BIOS_TOP = 1 << 32  # the BIOS ROM ends at 4 GiB; the reset vector is its last 16 bytes
+LOW_BIOS_TOP = 1 * MiB
+
+
+def _discard(data: bytes) -> None:
+    pass
+
+
+@dataclass
+class PcConfig:
+    """What to boot and how. ``disk`` is an image path (or bytes) for ATA device 0 on the primary channel."""
+
+    bios: bytes
+    disk: str | bytearray | None = None
+    memory_size: int = 64 * MiB
+    timeout: float | None = 60.0
+    serial_sink: Callable[[bytes], object] = _discard
+    debug_sink: Callable[[bytes], object] = _discard
+    poll_interval: float = 0.005
+    posted_writes: bool = True
+    kvm_path: str = "/dev/kvm"
+
+
+@dataclass
+class PcResult:
+    """How the run ended: ``reason`` in words, ``exit_status`` if the guest wrote the exit device."""
+
+    reason: str
+    exit_status: int | None = None
+    timed_out: bool = False
+    elapsed: float = 0.0
+    stops: list[str] = field(default_factory=list)
+    intercepts: int = 0
+
+
+def build_vm(config: PcConfig) -> Vm:
+    """A VM with RAM, the BIOS ROM below 4 GiB and its shadow copy below 1 MiB, and one vCPU at reset."""
+    bios = config.bios
+    if not bios or len(bios) % 0x10000 or len(bios) > 16 * MiB:
+        raise ValueError(f"a BIOS image is a multiple of 64 KiB up to 16 MiB, not {len(bios)} bytes")
+    if config.memory_size < 2 * MiB or config.memory_size % MiB:
+        raise ValueError(f"memory_size must be a whole number of MiB, at least 2, not {config.memory_size:#x}")
+    vm = Vm(config.kvm_path)
+    try:
+        vm.add_ram(0, config.memory_size, name="ram")
+        vm.add_rom(BIOS_TOP - len(bios), bios, name="bios")
+        low = bios[-min(len(bios), 128 * 1024) :]  # the top 128 KiB also appear at 0xE0000-0xFFFFF
+        vm.write_memory(LOW_BIOS_TOP - len(low), low)
+        vm.create_vcpu()  # KVM's reset state: CS F000 (base FFFF0000), RIP FFF0
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+async def _keep_time(pc: PC, interval: float) -> None:
+    # The devices have no threads: bring their interrupt lines up to date when they are due.
+    while True:
+        pc.poll()
+        due = pc.next_due()
+        now = time.monotonic()
+        await anyio.sleep(interval if due is None else min(max(due - now, 0.0), interval))
+
+
+async def run_pc(
+    config: PcConfig, *, dispatcher_factory: Callable[[KvmTransport, PC], Dispatcher] | None = None
+) -> PcResult:
+    """Boot the PC and run it until it ends; see the module docstring."""
+    started = time.monotonic()
+    outcome: dict[str, object] = {}
+    intr = IrqLine(name="INTR")
+    vm = build_vm(config)
+    with vm:
+        transport: KvmTransport | None = None
+
+        def finish(reason: str, **details: object) -> None:
+            if "reason" not in outcome:
+                outcome.update(reason=reason, **details)
+            if transport is not None:
+                transport.stop(reason)
+
+        disk = AtaDisk(config.disk) if config.disk is not None else None
+        pc = build_pc(
+            memory_size=config.memory_size,
+            disk=disk,
+            serial_sink=config.serial_sink,
+            debug_sink=config.debug_sink,
+            intr=intr,
+            on_exit=lambda status: finish(f"the guest wrote the exit device: status {status}", exit_status=status),
+            on_reset=lambda: finish("the guest asked for a reset (not implemented: the machine stops)"),
+        )
+        try:
+            transport = KvmTransport(vm, partition=0, posted_writes=config.posted_writes, interrupts=pc.pic,
+                                     kvm_path=config.kvm_path)  # fmt: skip
+            intr.receiver, intr.line = transport, 0
+            transport.set_irq(0, intr.level)
+            dispatcher = (
+                dispatcher_factory(transport, pc) if dispatcher_factory is not None else transport.dispatcher(pc.router)
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_keep_time, pc, config.poll_interval)
+                with anyio.move_on_after(config.timeout if config.timeout is not None else float("inf")) as scope:
+                    await dispatcher.serve(transport)
+                if scope.cancelled_caught:
+                    finish(f"timed out after {config.timeout:g} s", timed_out=True)
+                    await transport.aclose()
+                tg.cancel_scope.cancel()
+        finally:
+            if disk is not None:
+                disk.close()
+        stops = [str(stop) for stop in transport.stops]
+        if "reason" not in outcome:
+            failures = [stop for stop in transport.stops if stop.reason is not StopReason.STOPPED]
+            outcome["reason"] = str(failures[0]) if failures else "the vCPU stopped"
+        return PcResult(
+            reason=str(outcome["reason"]),
+            exit_status=outcome.get("exit_status"),  # type: ignore[arg-type]
+            timed_out=bool(outcome.get("timed_out", False)),
+            elapsed=time.monotonic() - started,
+            stops=stops,
+            intercepts=transport.intercepts,
+        )
