@@ -2,7 +2,8 @@
 
 The debug console (ports 0x402 and 0xE9) and the serial port (COM1) go to
 standard output as the guest writes them. The exit status is the exit
-device's (isa-debug-exit at 0x501: ``(value << 1) | 1``, as QEMU gives it);
+device's (isa-debug-exit at 0x501: ``(value << 1) | 1``, as QEMU gives it),
+or 0 once the output shows ``--until`` TEXT;
 otherwise the reason is printed on standard error and the status is 2, or
 124 after ``--timeout``. ``--backend unix:PATH`` forwards every intercept to
 a ``python -m dispatcher serve`` listening at PATH, guest RAM shared with it.
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=60.0, metavar="SECONDS", help="stop after this long (0: never)"
     )
     parser.add_argument("--backend", default="inproc", metavar="inproc|unix:PATH", help="where the devices run")
+    parser.add_argument("--until", metavar="TEXT", help="stop with status 0 once the guest has printed TEXT")
     parser.add_argument("--no-posted-writes", action="store_true", help="every OUT waits for its completion")
     return parser
 
@@ -64,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serial_sink=_write,
         debug_sink=_write,
         posted_writes=not args.no_posted_writes,
+        until=args.until.encode() if args.until else None,
     )
     try:
         if args.backend == "inproc":
@@ -78,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KvmUnavailableError, OSError, ValueError) as error:
         print(f"examples.pc: {error}", file=sys.stderr)
         return FAILED
+    if result.seen:
+        return 0
     if result.exit_status is not None:
         return result.exit_status
     print(f"\nexamples.pc: {result.reason}", file=sys.stderr)

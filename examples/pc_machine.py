@@ -57,6 +57,7 @@ class PcConfig:
     poll_interval: float = 0.005
     posted_writes: bool = True
     kvm_path: str = "/dev/kvm"
+    until: bytes | None = None  # stop (successfully) once the console output contains this
 
 
 @dataclass
@@ -66,6 +67,7 @@ class PcResult:
     reason: str
     exit_status: int | None = None
     timed_out: bool = False
+    seen: bool = False  # ``until`` appeared in the output
     elapsed: float = 0.0
     stops: list[str] = field(default_factory=list)
     intercepts: int = 0
@@ -89,6 +91,29 @@ def build_vm(config: PcConfig) -> Vm:
         vm.close()
         raise
     return vm
+
+
+class _Watch:
+    """Looks for a text in what the guest prints (serial and debug console together)."""
+
+    def __init__(self, text: bytes | None, found: Callable[[], object]) -> None:
+        self.text = text
+        self.found = found
+        self.tail = b""
+
+    def wrap(self, sink: Callable[[bytes], object]) -> Callable[[bytes], object]:
+        if self.text is None:
+            return sink
+
+        def watched(data: bytes) -> None:
+            sink(data)
+            assert self.text is not None
+            self.tail = (self.tail + data)[-len(self.text) - 64 :]
+            if self.text in self.tail:
+                self.tail = b""
+                self.found()
+
+        return watched
 
 
 async def _keep_time(pc: PC, interval: float) -> None:
@@ -118,11 +143,12 @@ async def run_pc(
                 transport.stop(reason)
 
         disk = AtaDisk(config.disk) if config.disk is not None else None
+        watch = _Watch(config.until, lambda: finish(f"the console showed {config.until!r}", seen=True))
         pc = build_pc(
             memory_size=config.memory_size,
             disk=disk,
-            serial_sink=config.serial_sink,
-            debug_sink=config.debug_sink,
+            serial_sink=watch.wrap(config.serial_sink),
+            debug_sink=watch.wrap(config.debug_sink),
             intr=intr,
             on_exit=lambda status: finish(f"the guest wrote the exit device: status {status}", exit_status=status),
             on_reset=lambda: finish("the guest asked for a reset (not implemented: the machine stops)"),
@@ -154,6 +180,7 @@ async def run_pc(
             reason=str(outcome["reason"]),
             exit_status=outcome.get("exit_status"),  # type: ignore[arg-type]
             timed_out=bool(outcome.get("timed_out", False)),
+            seen=bool(outcome.get("seen", False)),
             elapsed=time.monotonic() - started,
             stops=stops,
             intercepts=transport.intercepts,
