@@ -67,6 +67,8 @@ GUESTS: Final[dict[str, GuestInfo]] = {
         GuestInfo("io_probe", "all", "I/O cases in real, 32-bit and 64-bit mode for transports.kvm.probe"),
         GuestInfo("rom_check", "real", "far-calls code in a ROM slot at 0xF0000 and tries to overwrite a ROM byte"),
         GuestInfo("irq_real", "real", "takes vector 0x20 injected with KVM_INTERRUPT, reports it on port 0xE0"),
+        GuestInfo("triple_fault", "protected32", "ud2 with an empty IDT in protected mode: a triple fault"),
+        GuestInfo("rep_ins", "real", "REP INS cases (DF, page crossings, chunks, segment base) from port 0xE8"),
         GuestInfo(
             "mbr_checksum",
             "real",

@@ -1,94 +1,69 @@
-"""The example guests under KVM, driven by the ad-hoc loop in kvm_harness."""
+"""The example guests under KVM, served by the dispatcher and the example device models."""
 
 from __future__ import annotations
 
 import pytest
-from kvm_harness import Machine
+from kvm_machine import run_guest
 from kvm_support import requires_kvm
 
+from dispatcher import Router, on_port
 from examples.guests import GUESTS, guest_bytes, out_loop_image
-from transports.kvm import IoExit, IrqWindowOpenExit, boot_flat_image
+from examples.guests.devices import EchoLatch
+from transports.kvm import StopReason, boot_flat_image
 
-pytestmark = requires_kvm
+pytestmark = [requires_kvm, pytest.mark.anyio]
 
 
-def test_hello_real_prints_and_loops_back() -> None:
-    vm, vcpu = boot_flat_image(guest_bytes("hello_real"))
+@pytest.mark.parametrize("posted", [True, False], ids=["posted", "waited"])
+async def test_hello_real_prints_and_loops_back(posted: bool) -> None:
+    vm, _ = boot_flat_image(guest_bytes("hello_real"))
     with vm:
-        machine = Machine()
-        machine.run(vcpu)
-    assert bytes(machine.uart.output) == b"Hello from the guest\n"
-    assert machine.uart.loopback
-    assert machine.status == 0
+        run = await run_guest(vm, posted_writes=posted)
+    assert bytes(run.serial) == b"Hello from the guest\n"
+    assert run.status == 0  # every byte came back through the UART's loopback
+    assert run.reasons == [StopReason.STOPPED]
+    assert (run.transport.posted > 0) == posted
 
 
-def test_hello_real_reports_a_broken_loopback() -> None:
-    vm, vcpu = boot_flat_image(guest_bytes("hello_real"))
+@pytest.mark.parametrize("posted", [True, False], ids=["posted", "waited"])
+@pytest.mark.parametrize("name", ["io_prot32", "io_long64"])
+async def test_io_self_checks_pass(name: str, posted: bool) -> None:
+    vm, _ = boot_flat_image(guest_bytes(name))
     with vm:
-        machine = Machine()
-        original = machine.uart.write
+        run = await run_guest(vm, posted_writes=posted)
+    assert run.status == 0, f"{name}: check {run.status} failed"
+    assert run.echo.value == GUESTS[name].checks  # every check ran
 
-        def corrupting_write(port: int, value: int) -> None:
-            original(port, value ^ 0x20 if machine.uart.loopback else value)
 
-        machine.uart.write = corrupting_write  # type: ignore[method-assign]
-        machine.run(vcpu)
-    assert machine.status == 1
+class OffByOneLatch(EchoLatch):
+    """Answers 16-bit reads with bit 0 flipped: the guests must notice."""
+
+    @on_port(0, 4)
+    def register(self, access):  # type: ignore[no-untyped-def]
+        value = super().register(access)
+        return value ^ 1 if not access.is_write and access.size == 2 else value
 
 
 @pytest.mark.parametrize("name", ["io_prot32", "io_long64"])
-def test_io_self_checks_pass(name: str) -> None:
-    vm, vcpu = boot_flat_image(guest_bytes(name))
+async def test_io_self_checks_catch_a_wrong_device(name: str) -> None:
+    vm, _ = boot_flat_image(guest_bytes(name))
     with vm:
-        machine = Machine()
-        machine.run(vcpu)
-    assert machine.status == 0, f"{name}: check {machine.status} failed"
-    assert machine.echo.value == GUESTS[name].checks  # every check ran
+        run = await run_guest(vm, echo=OffByOneLatch())
+    assert run.status == 3  # check 3 is the first 16-bit IN
 
 
-@pytest.mark.parametrize("name", ["io_prot32", "io_long64"])
-def test_io_self_checks_catch_a_wrong_device(name: str) -> None:
-    """A device that answers the wrong value must make the guest fail (the checks are not vacuous)."""
-    vm, vcpu = boot_flat_image(guest_bytes(name))
+async def test_out_loop_reaches_the_handler_once_per_out() -> None:
+    seen: list[int] = []
+    router = Router()
+
+    @router.on_port(0x80)
+    def post(access):  # type: ignore[no-untyped-def]
+        seen.append(access.value)
+
+    vm, _ = boot_flat_image(out_loop_image(3000))
     with vm:
-        machine = Machine()
-        original = machine.echo.read
-
-        def off_by_one(port: int, size: int) -> int:
-            value = original(port, size)
-            return value ^ 1 if size == 2 else value
-
-        machine.echo.read = off_by_one  # type: ignore[method-assign]
-        machine.run(vcpu)
-    assert machine.status == 3  # check 3 is the first 16-bit IN
-
-
-def test_out_loop_runs_exactly_n_outs() -> None:
-    vm, vcpu = boot_flat_image(out_loop_image(500))
-    with vm:
-        machine = Machine(record=True)
-        machine.run(vcpu)
-    ports = [e.port for e in machine.io_exits]
-    assert ports == [0x80] * 500 + [0x501]
-    assert machine.status == 0
-
-
-def test_injected_interrupt_reaches_the_guest() -> None:
-    vm, vcpu = boot_flat_image(guest_bytes("irq_real"))
-    with vm:
-        exit = vcpu.run()
-        assert isinstance(exit, IoExit) and exit.port == 0xE0 and vcpu.read_io_data(exit) == b"\x01"
-        vcpu.request_interrupt_window = True
-        for _ in range(1000):
-            exit = vcpu.run()
-            if isinstance(exit, IrqWindowOpenExit):
-                break
-        else:
-            pytest.fail("the interrupt window never opened")
-        assert vcpu.ready_for_interrupt_injection and vcpu.if_flag
-        vcpu.request_interrupt_window = False
-        vcpu.inject_interrupt(0x20)
-        machine = Machine()
-        machine.run(vcpu)
-    assert [data for kind, _p, _s, data in machine.echo.log if kind == "out"] == [0x20]
-    assert machine.status == 0
+        run = await run_guest(vm, devices=[router])
+    assert len(seen) == 3000
+    assert run.status == 0
+    assert run.transport.posted >= 3000  # every OUT 0x80 was posted
+    assert run.dispatcher.stats.per_port[0x80] == 3000

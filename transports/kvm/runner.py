@@ -48,7 +48,7 @@ from .vm import Vcpu
 if TYPE_CHECKING:
     from .transport import KvmTransport
 
-__all__ = ["StopReason", "VcpuRunner", "VcpuStop"]
+__all__ = ["StopReason", "VcpuRunner", "VcpuStop", "terminal_exit"]
 
 log = logging.getLogger("transports.kvm")
 
@@ -171,6 +171,7 @@ class VcpuRunner:
     # -- the thread -----------------------------------------------------------------------------
 
     def _main(self) -> None:
+        self.vcpu.bind_thread()
         try:
             self.result = self._loop()
         except Exception as error:  # a bug here must still end the VP with a report, not kill the loop
@@ -178,6 +179,7 @@ class VcpuRunner:
             self.result = self._stop(StopReason.ERROR, f"{type(error).__name__}: {error}")
         finally:
             self.in_guest = False
+            self.vcpu.unbind_thread()
             self.transport.runner_finished(self)
 
     def _rip(self) -> int:
@@ -284,25 +286,8 @@ class VcpuRunner:
         if reason == _abi.KVM_EXIT_INTR:
             return None
         self._fence()
-        if reason == _abi.KVM_EXIT_SHUTDOWN:
-            return self._stop(StopReason.SHUTDOWN, "KVM_EXIT_SHUTDOWN: triple fault (or an unrecoverable fault)")
-        if reason == _abi.KVM_EXIT_FAIL_ENTRY:
-            fail = run.fail_entry
-            return self._stop(
-                StopReason.FAIL_ENTRY,
-                f"KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {fail.hardware_entry_failure_reason:#x} "
-                f"on CPU {fail.cpu}",
-            )
-        if reason == _abi.KVM_EXIT_INTERNAL_ERROR:
-            internal = run.internal
-            data = ", ".join(f"{d:#x}" for d in internal.data[: min(internal.ndata, 16)])
-            return self._stop(
-                StopReason.INTERNAL_ERROR, f"KVM_EXIT_INTERNAL_ERROR: suberror {internal.suberror} [{data}]"
-            )
-        if reason == _abi.KVM_EXIT_SYSTEM_EVENT:
-            event = run.system_event
-            return self._stop(StopReason.SYSTEM_EVENT, f"KVM_EXIT_SYSTEM_EVENT: type {event.type}")
-        return self._stop(StopReason.ERROR, f"unhandled exit reason {reason}")
+        stop_reason, detail = terminal_exit(run)
+        return self._stop(stop_reason, detail)
 
     def _new_context(self) -> None:
         # The segments or mode changed since the last exit: parse them once, and number the change.
@@ -400,3 +385,23 @@ class VcpuRunner:
             _U64.pack_into(m, offset, value)
         dirty = _U64.unpack_from(m, _DIRTY_REGS_OFFSET)[0]
         _U64.pack_into(m, _DIRTY_REGS_OFFSET, dirty | _abi.KVM_SYNC_X86_REGS)
+
+
+def terminal_exit(run: _abi.KvmRun) -> tuple[StopReason, str]:
+    """Why an exit that ends the vCPU does so, in words, from ``kvm_run`` as KVM left it."""
+    reason = run.exit_reason
+    if reason == _abi.KVM_EXIT_SHUTDOWN:
+        return StopReason.SHUTDOWN, "KVM_EXIT_SHUTDOWN: triple fault (or an unrecoverable fault)"
+    if reason == _abi.KVM_EXIT_FAIL_ENTRY:
+        fail = run.fail_entry
+        return StopReason.FAIL_ENTRY, (
+            f"KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {fail.hardware_entry_failure_reason:#x} "
+            f"on CPU {fail.cpu}"
+        )
+    if reason == _abi.KVM_EXIT_INTERNAL_ERROR:
+        internal = run.internal
+        data = ", ".join(f"{d:#x}" for d in internal.data[: min(internal.ndata, 16)])
+        return StopReason.INTERNAL_ERROR, f"KVM_EXIT_INTERNAL_ERROR: suberror {internal.suberror} [{data}]"
+    if reason == _abi.KVM_EXIT_SYSTEM_EVENT:
+        return StopReason.SYSTEM_EVENT, f"KVM_EXIT_SYSTEM_EVENT: type {run.system_event.type}"
+    return StopReason.ERROR, f"exit reason {reason}, which this VMM does not handle"

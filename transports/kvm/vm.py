@@ -433,6 +433,19 @@ class Vcpu:
                 self._runner = None
         return decode_exit(self.kvm_run)
 
+    def bind_thread(self) -> None:
+        """Have :meth:`kick` signal the calling thread from now on, inside ``run`` or not.
+
+        For a thread that enters ``KVM_RUN`` itself, without :meth:`run`
+        (see :mod:`transports.kvm.runner`); :meth:`unbind_thread` undoes it.
+        """
+        with self._runner_lock:
+            self._runner = threading.get_ident()
+
+    def unbind_thread(self) -> None:
+        with self._runner_lock:
+            self._runner = None
+
     def complete_pending_io(self) -> None:
         """Let KVM finish a pending IN/INS without running guest code.
 
