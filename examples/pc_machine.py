@@ -33,7 +33,7 @@ from transports.kvm import KvmTransport, StopReason, Vm
 from .ata import AtaDisk
 from .machine import PC, build_pc
 
-__all__ = ["BIOS_TOP", "PcConfig", "PcResult", "build_vm", "run_pc"]
+__all__ = ["BIOS_TOP", "Outcome", "PcConfig", "PcResult", "build_vm", "run_pc"]
 
 MiB = 1 << 20
 BIOS_TOP = 1 << 32  # the BIOS ROM ends at 4 GiB; the reset vector is its last 16 bytes
@@ -125,37 +125,64 @@ async def _keep_time(pc: PC, interval: float) -> None:
         await anyio.sleep(interval if due is None else min(max(due - now, 0.0), interval))
 
 
+class Outcome:
+    """How a run is ending: the first reason given wins, and every vCPU is told to stop."""
+
+    def __init__(self, config: PcConfig) -> None:
+        self.started = time.monotonic()
+        self.transport: KvmTransport | None = None
+        self.result: PcResult | None = None
+        self.watch = _Watch(config.until, lambda: self.finish(f"the console showed {config.until!r}", seen=True))
+
+    def finish(
+        self, reason: str, *, exit_status: int | None = None, seen: bool = False, timed_out: bool = False
+    ) -> None:
+        if self.result is None:
+            self.result = PcResult(reason, exit_status, timed_out, seen)
+        if self.transport is not None:
+            self.transport.stop(reason)
+
+    def exited(self, status: int) -> None:
+        self.finish(f"the guest wrote the exit device: status {status}", exit_status=status)
+
+    def reset(self) -> None:
+        self.finish("the guest asked for a reset (not implemented: the machine stops)")
+
+    def done(self) -> PcResult:
+        """The result once the vCPUs have stopped."""
+        transport = self.transport
+        stops = list(transport.stops) if transport is not None else []
+        if self.result is None:
+            failures = [stop for stop in stops if stop.reason is not StopReason.STOPPED]
+            self.result = PcResult(str(failures[0]) if failures else "the vCPU stopped")
+        self.result.elapsed = time.monotonic() - self.started
+        self.result.stops = [str(stop) for stop in stops]
+        self.result.intercepts = transport.intercepts if transport is not None else 0
+        return self.result
+
+
 async def run_pc(
     config: PcConfig, *, dispatcher_factory: Callable[[KvmTransport, PC], Dispatcher] | None = None
 ) -> PcResult:
     """Boot the PC and run it until it ends; see the module docstring."""
-    started = time.monotonic()
-    outcome: dict[str, object] = {}
+    outcome = Outcome(config)
     intr = IrqLine(name="INTR")
     vm = build_vm(config)
     with vm:
-        transport: KvmTransport | None = None
-
-        def finish(reason: str, **details: object) -> None:
-            if "reason" not in outcome:
-                outcome.update(reason=reason, **details)
-            if transport is not None:
-                transport.stop(reason)
-
         disk = AtaDisk(config.disk) if config.disk is not None else None
-        watch = _Watch(config.until, lambda: finish(f"the console showed {config.until!r}", seen=True))
-        pc = build_pc(
-            memory_size=config.memory_size,
-            disk=disk,
-            serial_sink=watch.wrap(config.serial_sink),
-            debug_sink=watch.wrap(config.debug_sink),
-            intr=intr,
-            on_exit=lambda status: finish(f"the guest wrote the exit device: status {status}", exit_status=status),
-            on_reset=lambda: finish("the guest asked for a reset (not implemented: the machine stops)"),
-        )
         try:
-            transport = KvmTransport(vm, partition=0, posted_writes=config.posted_writes, interrupts=pc.pic,
-                                     kvm_path=config.kvm_path)  # fmt: skip
+            pc = build_pc(
+                memory_size=config.memory_size,
+                disk=disk,
+                serial_sink=outcome.watch.wrap(config.serial_sink),
+                debug_sink=outcome.watch.wrap(config.debug_sink),
+                intr=intr,
+                on_exit=outcome.exited,
+                on_reset=outcome.reset,
+            )
+            transport = outcome.transport = KvmTransport(
+                vm, posted_writes=config.posted_writes, interrupts=pc.pic, kvm_path=config.kvm_path
+            )
             intr.receiver, intr.line = transport, 0
             transport.set_irq(0, intr.level)
             dispatcher = (
@@ -166,22 +193,10 @@ async def run_pc(
                 with anyio.move_on_after(config.timeout if config.timeout is not None else float("inf")) as scope:
                     await dispatcher.serve(transport)
                 if scope.cancelled_caught:
-                    finish(f"timed out after {config.timeout:g} s", timed_out=True)
+                    outcome.finish(f"timed out after {config.timeout:g} s", timed_out=True)
                     await transport.aclose()
                 tg.cancel_scope.cancel()
         finally:
             if disk is not None:
                 disk.close()
-        stops = [str(stop) for stop in transport.stops]
-        if "reason" not in outcome:
-            failures = [stop for stop in transport.stops if stop.reason is not StopReason.STOPPED]
-            outcome["reason"] = str(failures[0]) if failures else "the vCPU stopped"
-        return PcResult(
-            reason=str(outcome["reason"]),
-            exit_status=outcome.get("exit_status"),  # type: ignore[arg-type]
-            timed_out=bool(outcome.get("timed_out", False)),
-            seen=bool(outcome.get("seen", False)),
-            elapsed=time.monotonic() - started,
-            stops=stops,
-            intercepts=transport.intercepts,
-        )
+    return outcome.done()

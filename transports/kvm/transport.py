@@ -48,7 +48,7 @@ from .memory import vm_memory
 from .runner import ACKNOWLEDGE, FINISHED, WAKE, StopReason, VcpuRunner, VcpuStop
 from .vm import KVM_PATH, KvmError, Vcpu, Vm
 
-__all__ = ["InterruptController", "KvmTransport"]
+__all__ = ["InterruptController", "KvmTransport", "RemoteInterruptController"]
 
 log = logging.getLogger("transports.kvm")
 
@@ -63,6 +63,13 @@ class InterruptController(Protocol):
     def pending_vector(self) -> int | None: ...
 
     def acknowledge(self) -> int: ...
+
+
+class RemoteInterruptController(Protocol):
+    """An interrupt controller that answers the acknowledge cycle asynchronously (one in another process)."""
+
+    async def acknowledge_pending(self) -> int | None:
+        """Run the acknowledge cycle if an interrupt is pending; its vector, or None."""
 
 
 class KvmTransport(Transport):
@@ -82,7 +89,7 @@ class KvmTransport(Transport):
         *,
         partition: int = 0,
         posted_writes: bool = True,
-        interrupts: InterruptController | None = None,
+        interrupts: InterruptController | RemoteInterruptController | None = None,
         handoff: HandoffMethod = "auto",
         kvm_path: str = KVM_PATH,
     ) -> None:
@@ -91,7 +98,10 @@ class KvmTransport(Transport):
             raise KvmError("the transport needs at least one vCPU")
         self.vm = vm
         self.partition = partition
-        self.interrupts = interrupts
+        self.interrupts = interrupts if not hasattr(interrupts, "acknowledge_pending") else None
+        self._remote_interrupts: RemoteInterruptController | None = (
+            interrupts if hasattr(interrupts, "acknowledge_pending") else None  # type: ignore[assignment]
+        )
         self.guest_memory = vm_memory(vm)
         self.out_rip_advanced = out_advances_rip(kvm_path)
         self.stops: list[VcpuStop] = []
@@ -159,7 +169,13 @@ class KvmTransport(Transport):
             for runner in self._runners.values():
                 runner.start()
         while True:
-            frames = [frame for item in self._queue.drain() if (frame := self._take(*item)) is not None]
+            frames = []
+            for runner, item in self._queue.drain():
+                if item is ACKNOWLEDGE and self._remote_interrupts is not None:
+                    vector = await self._remote_interrupts.acknowledge_pending() if runner.interrupt_level else None
+                    runner.inbox.put(vector)
+                elif (frame := self._take(runner, item)) is not None:
+                    frames.append(frame)
             if frames:
                 return frames
             if self._live == 0:

@@ -1,0 +1,165 @@
+"""The PC with its devices in another process: every intercept goes to ``python -m dispatcher serve``.
+
+The VMM keeps only the vCPU and guest memory. It connects to the service's
+UNIX socket, waits for the port announcement, shares every memory slot
+(memfd, SCM_RIGHTS: string I/O in the service reads and writes guest RAM in
+place) and then relays: intercept frames from the vCPU threads to the
+socket, completions back. The board's signals come through the service's
+platform block (:mod:`examples.pc_service`): the machine loop reads when the
+timers next need a look and whether INTR is high, the exit device and the
+console output; an interrupt acknowledge is a read of its own.
+
+The relay speaks to the socket directly rather than through
+:class:`transports.client.ServiceClient`, which allows one intercept in
+flight per VP: a posted write leaves several.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import anyio
+
+from dispatcher import ANNOUNCEMENT, COMPLETION, Completion, Status, TransportError, decode_completion
+from transports.client import io_intercept
+from transports.kvm import KvmTransport
+from transports.shared_memory import share_region
+from transports.unix import UnixTransport, connect_unix
+
+from .pc_machine import Outcome, PcConfig, PcResult, build_vm
+from .pc_service import ACK, CONSOLE, EXIT, NEXT_DUE, PLATFORM_BASE, PLATFORM_VP
+
+__all__ = ["RemotePlatform", "run_remote_pc"]
+
+_VP = struct.Struct("<I")
+
+
+class RemotePlatform:
+    """The service's platform block, read with intercepts from :data:`PLATFORM_VP` (one at a time)."""
+
+    def __init__(self, connection: UnixTransport) -> None:
+        self.connection = connection
+        self.transport: KvmTransport | None = None
+        self._lock = anyio.Lock()
+        self._answer: Completion | None = None
+        self._answered = anyio.Event()
+
+    async def read(self, offset: int) -> int:
+        """One dword register of the platform block."""
+        # Shielded: a read whose answer is still on its way would otherwise leave it to the next one.
+        async with self._lock:
+            with anyio.CancelScope(shield=True):
+                self._answered = anyio.Event()
+                await self.connection.send_batch([io_intercept(PLATFORM_BASE + offset, 4, write=False, vp=PLATFORM_VP)])
+                await self._answered.wait()
+                answer = self._answer
+        if answer is None or answer.status is not Status.COMPLETED:
+            raise TransportError(f"the service's platform block did not answer a read at +{offset:#x}: {answer}")
+        return answer.rax & 0xFFFF_FFFF
+
+    def deliver(self, completion: Completion | None) -> None:
+        """A completion for :data:`PLATFORM_VP` arrived (None: the connection ended)."""
+        self._answer = completion
+        self._answered.set()
+
+    async def acknowledge_pending(self) -> int | None:
+        """The interrupt acknowledge cycle in the service's i8259A pair (the transport's remote controller)."""
+        value = await self.read(ACK)
+        if self.transport is not None:
+            self.transport.set_irq(0, bool(value & 0x200))
+        return value & 0xFF if value & 0x100 else None
+
+
+async def _receive(connection: UnixTransport, platform: RemotePlatform, transport: KvmTransport) -> None:
+    # Everything the service sends: its announcement first, then completions for the vCPUs or the platform.
+    try:
+        while frames := await connection.receive_batch():
+            for_vcpus = []
+            for frame in frames:
+                kind = int.from_bytes(frame[:4], "little")
+                if kind == ANNOUNCEMENT:
+                    continue
+                if kind != COMPLETION:
+                    raise TransportError(f"the service sent a frame of type {kind:#x}")
+                if _VP.unpack_from(frame, 16)[0] == PLATFORM_VP:
+                    platform.deliver(decode_completion(frame))
+                else:
+                    for_vcpus.append(frame)
+            if for_vcpus:
+                await transport.send_batch(for_vcpus)
+    finally:
+        platform.deliver(None)
+        transport.stop("the service closed the connection")
+
+
+async def _relay(transport: KvmTransport, connection: UnixTransport) -> None:
+    while frames := await transport.receive_batch():
+        await connection.send_batch(frames)
+
+
+async def _look(platform: RemotePlatform, outcome: Outcome, config: PcConfig) -> None:
+    # Print what the guest wrote to the console, and end the run if it wrote the exit device.
+    sink = outcome.watch.wrap(config.serial_sink)
+    while True:
+        console = await platform.read(CONSOLE)
+        count = console >> 24
+        if count:
+            sink(console.to_bytes(4, "little")[:count])
+        if count < 3:
+            break
+    exit = await platform.read(EXIT)
+    if exit & 0x100:
+        outcome.exited((exit & 0xFF) << 1 | 1)
+    elif exit & 0x200:
+        outcome.reset()
+
+
+async def _board(platform: RemotePlatform, transport: KvmTransport, outcome: Outcome, config: PcConfig) -> None:
+    # The machine loop: INTR and the timers, then the console and the exit device.
+    while True:
+        due = await platform.read(NEXT_DUE)
+        transport.set_irq(0, bool(due & 0x8000_0000))
+        await _look(platform, outcome, config)
+        await anyio.sleep(min((due & 0x7FFF_FFFF) / 1e6, config.poll_interval))
+
+
+async def run_remote_pc(config: PcConfig, socket: str) -> PcResult:
+    """Boot the PC with its devices in the ``serve`` process at ``socket``; as :func:`~examples.pc_machine.run_pc`."""
+    outcome = Outcome(config)
+    vm = build_vm(config)
+    with vm:
+        connection = await connect_unix(socket)
+        platform = RemotePlatform(connection)
+        transport = outcome.transport = KvmTransport(
+            vm, posted_writes=config.posted_writes, interrupts=platform, kvm_path=config.kvm_path
+        )
+        platform.transport = transport
+        try:
+            for region in vm.regions:
+                await share_region(
+                    connection, region.guest_phys_addr, region.fd, region.size, read_only=region.readonly
+                )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_receive, connection, platform, transport)
+                board = anyio.CancelScope()
+
+                async def run_board() -> None:
+                    with board:
+                        await _board(platform, transport, outcome, config)
+
+                tg.start_soon(run_board)
+                with anyio.move_on_after(config.timeout if config.timeout is not None else float("inf")) as scope:
+                    await _relay(transport, connection)
+                if scope.cancelled_caught:
+                    outcome.finish(f"timed out after {config.timeout:g} s", timed_out=True)
+                else:
+                    board.cancel()
+                    # The vCPU has stopped: one last look at the exit device and the console.
+                    with anyio.move_on_after(5):
+                        await _look(platform, outcome, config)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await transport.aclose()
+                await connection.aclose()
+    return outcome.done()
