@@ -34,7 +34,7 @@ def _poke(args: argparse.Namespace, argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="intercept-dispatch", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="drive the example UART through the dispatcher")
+    demo = commands.add_parser("demo", help="boot a guest on KVM (or a fake VP) that drives the example UART")
     demo.set_defaults(run=_demo)
     # serve and poke parse their own options (see their --help), so they are passed on untouched.
     serve = commands.add_parser("serve", add_help=False, help="run the device backend service")
