@@ -29,7 +29,7 @@ from transports.unix import UnixTransport, connect_unix
 from .pc_machine import Outcome, PcConfig, PcResult, build_vm
 from .pc_service import ACK, CONSOLE, EXIT, NEXT_DUE, PLATFORM_BASE, PLATFORM_VP
 
-__all__ = ["RemotePlatform", "run_remote_pc"]
+__all__ = ["RemotePlatform", "forward", "run_remote_pc", "share_memory"]
 
 _VP = struct.Struct("<I")
 
@@ -70,7 +70,7 @@ class RemotePlatform:
         return value & 0xFF if value & 0x100 else None
 
 
-async def _receive(connection: UnixTransport, platform: RemotePlatform, transport: KvmTransport) -> None:
+async def _receive(connection: UnixTransport, platform: RemotePlatform | None, transport: KvmTransport) -> None:
     # Everything the service sends: its announcement first, then completions for the vCPUs or the platform.
     try:
         while frames := await connection.receive_batch():
@@ -81,20 +81,38 @@ async def _receive(connection: UnixTransport, platform: RemotePlatform, transpor
                     continue
                 if kind != COMPLETION:
                     raise TransportError(f"the service sent a frame of type {kind:#x}")
-                if _VP.unpack_from(frame, 16)[0] == PLATFORM_VP:
+                if platform is not None and _VP.unpack_from(frame, 16)[0] == PLATFORM_VP:
                     platform.deliver(decode_completion(frame))
                 else:
                     for_vcpus.append(frame)
             if for_vcpus:
                 await transport.send_batch(for_vcpus)
     finally:
-        platform.deliver(None)
+        if platform is not None:
+            platform.deliver(None)
         transport.stop("the service closed the connection")
 
 
 async def _relay(transport: KvmTransport, connection: UnixTransport) -> None:
     while frames := await transport.receive_batch():
         await connection.send_batch(frames)
+
+
+async def share_memory(transport: KvmTransport, connection: UnixTransport) -> None:
+    """Share every memory slot of the transport's VM with the service (ROM read-only)."""
+    for region in transport.vm.regions:
+        await share_region(connection, region.guest_phys_addr, region.fd, region.size, read_only=region.readonly)
+
+
+async def forward(transport: KvmTransport, connection: UnixTransport) -> None:
+    """Relay the vCPUs' intercepts to the service and its completions back until the vCPUs stop.
+
+    Share the memory first (:func:`share_memory`) for string I/O to work.
+    """
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_receive, connection, None, transport)
+        await _relay(transport, connection)
+        tg.cancel_scope.cancel()
 
 
 async def _look(platform: RemotePlatform, outcome: Outcome, config: PcConfig) -> None:
@@ -135,10 +153,7 @@ async def run_remote_pc(config: PcConfig, socket: str) -> PcResult:
         )
         platform.transport = transport
         try:
-            for region in vm.regions:
-                await share_region(
-                    connection, region.guest_phys_addr, region.fd, region.size, read_only=region.readonly
-                )
+            await share_memory(transport, connection)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_receive, connection, platform, transport)
                 board = anyio.CancelScope()

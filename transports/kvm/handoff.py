@@ -38,7 +38,7 @@ class ThreadToLoop(Generic[T]):
     "auto" (the reader).
     """
 
-    def __init__(self, method: HandoffMethod = "auto", *, batch: int = 32) -> None:
+    def __init__(self, method: HandoffMethod = "auto", *, batch: int = 128) -> None:
         if method not in HANDOFF_METHODS:
             raise ValueError(f"hand-off method must be one of {HANDOFF_METHODS}, not {method!r}")
         self.method = method
@@ -81,6 +81,10 @@ class ThreadToLoop(Generic[T]):
         while items:
             out.append(items.popleft())
         return out
+
+    def only_posted(self) -> bool:
+        """True if items are queued, none urgent, fewer than ``batch`` (loop side)."""
+        return bool(self._items) and not self._urgent and len(self._items) < self.batch
 
     def __bool__(self) -> bool:
         return bool(self._items)
@@ -127,12 +131,14 @@ class ThreadToLoop(Generic[T]):
             self._ready = None
 
     def _readable(self) -> None:
+        # Read the count here: level-triggered epoll may report the fd once more after it was read, and that
+        # stale report must not end the next wait.
+        try:
+            os.eventfd_read(self._fd)
+        except BlockingIOError:
+            return
         ready = self._ready
-        if ready is None:
-            # Nobody waits: consume the count so the reader does not fire again and again.
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(self._fd)
-        elif not ready.done():
+        if ready is not None and not ready.done():
             ready.set_result(None)
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import fcntl
 import logging
+import mmap
 import queue
 import struct
 import threading
@@ -61,7 +62,6 @@ _REG_OFFSETS = tuple(REGS_OFFSET + 8 * i for i in (16, 0, 2, 4, 5))  # RIP, RAX,
 _RF = 1 << 16
 _IN = _abi.KVM_EXIT_IO_IN
 _OUT_DX, _OUT_IMM = (0xEE, 0xEF), (b"\xe6", b"\xe7")
-_CONTEXT_END = SREGS_OFFSET + CONTEXT_SIZE
 _EVENTS_END = EVENTS_OFFSET + 16
 _RUN, _EXIT_IO, _EXIT_MMIO, _EXIT_HLT = _abi.KVM_RUN, _abi.KVM_EXIT_IO, _abi.KVM_EXIT_MMIO, _abi.KVM_EXIT_HLT
 MAX_POSTED: Final = 1024  # posted writes in flight before the thread waits (back-pressure)
@@ -134,11 +134,12 @@ class VcpuRunner:
         self.mmio_reads = 0
         self.mmio_writes = 0
         self.generation = 0  # counts the distinct contexts seen: frame templates are keyed by it
-        self._context_bytes = b""
+        self._state_bytes = b""  # kvm_sregs and kvm_vcpu_events as of the last parse
         self._cs_base = 0
         self._linear_mask = 0xFFFF_FFFF
-        self._events_bytes = b""
         self._events = (False, False)
+        self._code_buffer: bytes | mmap.mmap = b""
+        self._code_start, self._code_size = 0, -1
         self._thread = threading.Thread(target=self._main, name=f"vcpu{self.vp_index}", daemon=True)
 
     # -- control, from any thread ---------------------------------------------------------------
@@ -220,17 +221,19 @@ class VcpuRunner:
             if reason == _EXIT_IO:
                 direction, size, port, count, data_offset = io_struct(m, 32)
                 regs = regs_unpack(m, REGS_OFFSET)
-                if m[SREGS_OFFSET:_CONTEXT_END] != self._context_bytes:
+                if m[SREGS_OFFSET:_EVENTS_END] != self._state_bytes:
                     self._new_context()
-                events = m[EVENTS_OFFSET:_EVENTS_END]
-                if events != self._events_bytes:
-                    self._events_bytes = events
-                    self._events = parse_events(events)
                 linear = (self._cs_base + regs[16]) & self._linear_mask
                 if direction == _IN:
                     code_at, code_before, data, plain_out = read_upto(linear, 16), b"", b"", False
                 else:
-                    code_before = read_before(linear, 15)
+                    # The 15 bytes before RIP, straight from the slot when the guest does not page (the usual case).
+                    offset = linear - self._code_start
+                    if 15 <= offset <= self._code_size:
+                        code_before = self._code_buffer[offset - 15 : offset]
+                    else:
+                        code_before = read_before(linear, 15)
+                        self._code_slot(linear)
                     # A non-string OUT ends in EE/EF (port in DX), or in E6/E7 and its imm8 port.
                     plain_out = (
                         count == 1
@@ -290,15 +293,26 @@ class VcpuRunner:
         return self._stop(stop_reason, detail)
 
     def _new_context(self) -> None:
-        # The segments or mode changed since the last exit: parse them once, and number the change.
-        raw = self.vcpu.run_map[SREGS_OFFSET:_CONTEXT_END]
-        self._context_bytes = raw
-        context = self.context = parse_context(raw)
+        # The segments, mode or event state changed since the last exit: parse them once, and number the change.
+        raw = self.vcpu.run_map[SREGS_OFFSET:_EVENTS_END]
+        self._state_bytes = raw
+        context = self.context = parse_context(raw[:CONTEXT_SIZE])
+        self._events = parse_events(raw[EVENTS_OFFSET - SREGS_OFFSET :])
         self.generation += 1
         self.reader.paging = context.paging
         bits = context.code_bits
         self._cs_base = context.cs.base if bits != 64 else 0
         self._linear_mask = (1 << 64) - 1 if bits == 64 else 0xFFFF_FFFF
+        self._code_start, self._code_size, self._code_buffer = 0, -1, b""
+
+    def _code_slot(self, linear: int) -> None:
+        # Remember the memory slot holding ``linear`` while the guest does not page: code is read from it directly.
+        if self.reader.paging:
+            return
+        for slot in self.transport.vm.regions:
+            if slot.contains(linear):
+                self._code_start, self._code_size, self._code_buffer = slot.guest_phys_addr, slot.size, slot.mem
+                return
 
     # -- waiting --------------------------------------------------------------------------------
 

@@ -168,9 +168,13 @@ class KvmTransport(Transport):
             self._started = True
             for runner in self._runners.values():
                 runner.start()
+        queue = self._queue
         while True:
+            if queue.only_posted():
+                # Only posted writes, fewer than a batch: let a batch build up, for at most a millisecond.
+                await queue.wait(_POSTED_LATENCY)
             frames = []
-            for runner, item in self._queue.drain():
+            for runner, item in queue.drain():
                 if item is ACKNOWLEDGE and self._remote_interrupts is not None:
                     vector = await self._remote_interrupts.acknowledge_pending() if runner.interrupt_level else None
                     runner.inbox.put(vector)
@@ -186,7 +190,7 @@ class KvmTransport(Transport):
             runners = self._runners.values()
             outstanding = any(r.posted != r.completed for r in runners)
             waiting = [r for r in runners if r.window_requested and r.interrupt_level]
-            await self._queue.wait(_POSTED_LATENCY if outstanding or waiting else None)
+            await queue.wait(_POSTED_LATENCY if outstanding or waiting else None)
             for runner in waiting:
                 if runner.window_requested and runner.in_guest:
                     runner.vcpu.kick()
