@@ -20,8 +20,8 @@ from transports.kvm.syncregs import (
 def test_offsets_follow_the_uapi_structures() -> None:
     assert REGS_OFFSET == _abi.KvmRun.kvm_dirty_regs.offset + 8 == 304
     assert SREGS_OFFSET - REGS_OFFSET == ctypes.sizeof(_abi.KvmRegs) == REGS_STRUCT.size
-    assert EVENTS_OFFSET - SREGS_OFFSET == ctypes.sizeof(_abi.KvmSregs)
-    assert CONTEXT_SIZE == _abi.KvmSregs.efer.offset + 8
+    assert ctypes.sizeof(_abi.KvmSregs) == EVENTS_OFFSET - SREGS_OFFSET
+    assert _abi.KvmSregs.efer.offset + 8 == CONTEXT_SIZE
     assert _abi.KvmSregs.ss.offset == 5 * ctypes.sizeof(_abi.KvmSegment)
 
 
