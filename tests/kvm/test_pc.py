@@ -22,9 +22,7 @@ from kvm_support import requires_kvm
 from examples.guests import mbr_checksum, mbr_checksum_image
 
 SEABIOS = Path("/usr/share/seabios/bios.bin")
-requires_seabios = pytest.mark.skipif(
-    not SEABIOS.exists(), reason=f"{SEABIOS} is missing (apt-get install seabios)"
-)
+requires_seabios = pytest.mark.skipif(not SEABIOS.exists(), reason=f"{SEABIOS} is missing (apt-get install seabios)")
 pytestmark = [requires_kvm, requires_seabios]
 
 BOOT_TIMEOUT = 240  # seconds: SeaBIOS needs ~4 s here when the machine is idle, minutes when it is not
