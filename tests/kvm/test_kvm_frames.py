@@ -71,7 +71,7 @@ async def test_frames_describe_the_instructions_in_guest_memory(name: str) -> No
                 assert insn.port == message.port_number, where
             assert message.vp_index == 0 and message.source_partition == 0
             if insn.string:
-                count = message.instruction_byte_count
+                count = message.instruction_byte_count or 0
                 assert count >= insn.length and message.instruction_bytes[:count] == code[:count], where
             else:
                 assert message.instruction_byte_count == 0 and (message.rcx, message.rsi, message.rdi) == (0, 0, 0)

@@ -6,7 +6,7 @@ import pytest
 from kvm_machine import run_guest
 from kvm_support import requires_kvm
 
-from dispatcher import Router, on_port
+from dispatcher import PortAccess, Router, on_port
 from examples.guests import GUESTS, guest_bytes, out_loop_image
 from examples.guests.devices import EchoLatch
 from transports.kvm import StopReason, boot_flat_image
@@ -39,9 +39,9 @@ class OffByOneLatch(EchoLatch):
     """Answers 16-bit reads with bit 0 flipped: the guests must notice."""
 
     @on_port(0, 4)
-    def register(self, access):  # type: ignore[no-untyped-def]
+    def register(self, access: PortAccess) -> int | None:
         value = super().register(access)
-        return value ^ 1 if not access.is_write and access.size == 2 else value
+        return value ^ 1 if value is not None and access.size == 2 else value
 
 
 @pytest.mark.parametrize("name", ["io_prot32", "io_long64"])
@@ -57,7 +57,7 @@ async def test_out_loop_reaches_the_handler_once_per_out() -> None:
     router = Router()
 
     @router.on_port(0x80)
-    def post(access):  # type: ignore[no-untyped-def]
+    def post(access: PortAccess) -> None:
         seen.append(access.value)
 
     vm, _ = boot_flat_image(out_loop_image(3000))

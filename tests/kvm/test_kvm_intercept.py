@@ -32,8 +32,9 @@ from transports.kvm.syncregs import CpuContext
 REAL_CS = SegmentRegister(0, 0xFFFF, 0, SegmentAttributes(0x9B))
 FLAT_CS = SegmentRegister(0, 0xFFFF_FFFF, 0x08, SegmentAttributes(0xC09B))
 FLAT_DS = SegmentRegister(0, 0xFFFF_FFFF, 0x10, SegmentAttributes(0xC093))
-REAL = CpuContext(REAL_CS, *[SegmentRegister(0, 0xFFFF, 0, SegmentAttributes(0x93))] * 5, cr0=0x10, efer=0, cpl=0)
-PROTECTED = CpuContext(FLAT_CS, *[FLAT_DS] * 5, cr0=0x11, efer=0, cpl=0)
+REAL_DS = SegmentRegister(0, 0xFFFF, 0, SegmentAttributes(0x93))
+REAL = CpuContext(REAL_CS, REAL_DS, REAL_DS, REAL_DS, REAL_DS, REAL_DS, cr0=0x10, efer=0, cpl=0)
+PROTECTED = CpuContext(FLAT_CS, FLAT_DS, FLAT_DS, FLAT_DS, FLAT_DS, FLAT_DS, cr0=0x11, efer=0, cpl=0)
 
 
 def regs(
