@@ -1,4 +1,5 @@
-"""Pure-Python KVM backend: a VM, vCPUs and their exits (x86-64 hosts)."""
+"""Pure-Python KVM backend (x86-64 hosts): a VM, vCPUs and their exits, and :class:`KvmTransport`,
+which serves the vCPUs' port I/O through a :class:`dispatcher.Dispatcher`. docs/KVM.md has the details."""
 
 from __future__ import annotations
 

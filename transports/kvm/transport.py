@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
@@ -57,6 +57,7 @@ _RIP_BIT, _RAX_BIT = int(Registers.RIP), int(Registers.RAX)
 _NOT_OUT = int(Registers.RCX | Registers.RSI | Registers.RDI)
 
 
+@runtime_checkable
 class InterruptController(Protocol):
     """What a vCPU asks about external interrupts (an i8259A pair answers this)."""
 
@@ -65,6 +66,7 @@ class InterruptController(Protocol):
     def acknowledge(self) -> int: ...
 
 
+@runtime_checkable
 class RemoteInterruptController(Protocol):
     """An interrupt controller that answers the acknowledge cycle asynchronously (one in another process)."""
 
@@ -98,10 +100,8 @@ class KvmTransport(Transport):
             raise KvmError("the transport needs at least one vCPU")
         self.vm = vm
         self.partition = partition
-        self.interrupts = interrupts if not hasattr(interrupts, "acknowledge_pending") else None
-        self._remote_interrupts: RemoteInterruptController | None = (
-            interrupts if hasattr(interrupts, "acknowledge_pending") else None  # type: ignore[assignment]
-        )
+        self.interrupts = interrupts if isinstance(interrupts, InterruptController) else None
+        self._remote_interrupts = interrupts if isinstance(interrupts, RemoteInterruptController) else None
         self.guest_memory = vm_memory(vm)
         self.out_rip_advanced = out_advances_rip(kvm_path)
         self.stops: list[VcpuStop] = []
