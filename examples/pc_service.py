@@ -14,7 +14,7 @@ the VMM prints. The VMM reads them with intercepts of its own, from a VP
 index no vCPU has (:data:`PLATFORM_VP`); the intercept protocol has no other
 way to carry an interrupt, so this is the narrow waist. Reading the block
 also brings the timers (PIT, RTC, UART) up to date, as the in-process
-machine loop does.
+machine loop does (:class:`examples.pc_machine.TimeKeeper`).
 
 Environment: ``PC_DISK`` (an image for ATA device 0, optional) and
 ``PC_MEMORY_MIB`` (default 64; it must match the VMM's ``--memory``, the
@@ -30,6 +30,7 @@ from collections import deque
 from dispatcher import PortAccess, Router, on_port
 
 from .machine import PC, build_pc
+from .pc_machine import TimeKeeper
 
 __all__ = [
     "ACK",
@@ -62,6 +63,7 @@ class PlatformPorts:
 
     def __init__(self, pc: PC, output: deque[int]) -> None:
         self.pc = pc
+        self.time = TimeKeeper(pc)
         self.output = output
         self.exit_value: int | None = None
         self.reset_requested = False
@@ -73,12 +75,12 @@ class PlatformPorts:
         offset = access.offset
         pc = self.pc
         if offset == ACK:
-            pc.poll()
+            self.time.poll()
             vector = 0x100 | pc.pic.acknowledge() if pc.pic.pending_vector() is not None else NONE
             return vector | (0x200 if pc.pic.output else 0)
         if offset == NEXT_DUE:
-            pc.poll()
-            due = pc.next_due()
+            self.time.poll()
+            due = self.time.next_due()
             wait = _MAX_WAIT_US if due is None else max(0, min(_MAX_WAIT_US, int((due - time.monotonic()) * 1e6)))
             return wait | (0x8000_0000 if pc.pic.output else 0)
         if offset == EXIT:
