@@ -134,11 +134,29 @@ class Tampering(Transport):
 
 @pytest.mark.anyio
 async def test_a_posted_write_whose_completion_disagrees_stops_the_vcpu() -> None:
-    vm, _ = boot_flat_image(out_loop_image(100))
+    # OUTs to port 0x80 for hours: only the disagreeing completion can stop this guest.
+    vm, _ = boot_flat_image(out_loop_image(2**32 - 1))
     with vm:
         run = await run_guest(vm, wrap=Tampering)
     [stop] = run.transport.stops
     assert stop.reason is StopReason.ERROR and "posted OUT to port 0x80" in stop.detail
+
+
+@pytest.mark.anyio
+async def test_an_error_outranks_a_plain_stop_until_the_vcpu_has_stopped(caplog: pytest.LogCaptureFixture) -> None:
+    vm, _ = boot_flat_image(SPIN)
+    with vm:
+        transport = KvmTransport(vm)
+        [runner] = transport.runners
+        runner.stop("exit 1")  # the exit device, written in the same batch...
+        runner.stop("a posted OUT went wrong", StopReason.ERROR)  # ...as a posted OUT whose completion disagrees
+        runner.stop("stopped by the VMM")
+        await transport.dispatcher(Router()).serve(transport)
+        [stop] = transport.stops
+        assert (stop.reason, stop.detail) == (StopReason.ERROR, "a posted OUT went wrong")
+        runner.stop("too late", StopReason.ERROR)
+    assert transport.stops == [stop]
+    assert "VP 0 had already stopped: too late" in caplog.text
 
 
 @pytest.mark.anyio

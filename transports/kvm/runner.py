@@ -126,8 +126,10 @@ class VcpuRunner:
         self.halted = False
         self.in_guest = False
         self.stopping = False
-        self.stop_reason = StopReason.STOPPED
-        self.stop_detail = ""
+        # One attribute, so the vCPU thread never reads the reason of one request with the detail of another.
+        self.stop_request: tuple[StopReason, str] = (StopReason.STOPPED, "")
+        self._stop_lock = threading.Lock()
+        self._stop_taken = False
         self.result: VcpuStop | None = None
         self.context: CpuContext | None = None
         self.exits = 0
@@ -156,9 +158,15 @@ class VcpuRunner:
 
     def stop(self, detail: str = "stopped by the VMM", reason: StopReason = StopReason.STOPPED) -> None:
         """End the thread soon with ``reason``: wake it if it waits, kick it out of the guest if it runs."""
-        if not self.stopping:
-            self.stop_reason, self.stop_detail = reason, detail
-            self.stopping = True
+        with self._stop_lock:
+            if self._stop_taken:
+                if reason is StopReason.ERROR:
+                    log.error("VP %d had already stopped: %s", self.vp_index, detail)
+            elif not self.stopping or (reason is StopReason.ERROR and self.stop_request[0] is not StopReason.ERROR):
+                # A guest state gone wrong outranks a plain stop asked for at about the same time
+                # (the exit device written in the same batch as a posted OUT whose completion disagrees).
+                self.stop_request = (reason, detail)
+                self.stopping = True
         self.inbox.put(WAKE)
         self.vcpu.kick()
 
@@ -179,6 +187,8 @@ class VcpuRunner:
             log.exception("VP %d failed", self.vp_index)
             self.result = self._stop(StopReason.ERROR, f"{type(error).__name__}: {error}")
         finally:
+            with self._stop_lock:
+                self._stop_taken = True  # whatever ended the thread, a later stop request changes nothing
             self.in_guest = False
             self.vcpu.unbind_thread()
             self.transport.runner_finished(self)
@@ -186,6 +196,11 @@ class VcpuRunner:
     def _rip(self) -> int:
         rip: int = _U64.unpack_from(self.vcpu.run_map, REGS_OFFSET + 8 * 16)[0]
         return rip
+
+    def _stop_requested(self) -> VcpuStop:
+        with self._stop_lock:
+            self._stop_taken = True
+            return self._stop(*self.stop_request)
 
     def _stop(self, reason: StopReason, detail: str) -> VcpuStop:
         return VcpuStop(self.vp_index, reason, detail, self._rip())
@@ -205,7 +220,7 @@ class VcpuRunner:
         put = transport.put
         while True:
             if self.stopping:
-                return self._stop(self.stop_reason, self.stop_detail)
+                return self._stop_requested()
             self.in_guest = True
             if self.interrupt_level:
                 self._offer_interrupt()
@@ -256,7 +271,7 @@ class VcpuRunner:
                 put((self, capture))
                 action = self._wait_action()
                 if action is None:
-                    return self._stop(self.stop_reason, self.stop_detail)
+                    return self._stop_requested()
                 if action.data is not None:
                     m[data_offset : data_offset + len(action.data)] = action.data
                 if action.registers is not None:
