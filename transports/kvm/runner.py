@@ -64,7 +64,7 @@ _IN = _abi.KVM_EXIT_IO_IN
 _OUT_DX, _OUT_IMM = (0xEE, 0xEF), (b"\xe6", b"\xe7")
 _EVENTS_END = EVENTS_OFFSET + 16
 _RUN, _EXIT_IO, _EXIT_MMIO, _EXIT_HLT = _abi.KVM_RUN, _abi.KVM_EXIT_IO, _abi.KVM_EXIT_MMIO, _abi.KVM_EXIT_HLT
-MAX_POSTED: Final = 1024  # posted writes in flight before the thread waits (back-pressure)
+MAX_POSTED: Final = 2048  # posted writes in flight before the thread waits (back-pressure): two loop batches
 
 
 class StopReason(enum.Enum):
