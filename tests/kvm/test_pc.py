@@ -12,12 +12,12 @@ import os
 import random
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from kvm_support import requires_kvm
+from service_process import ServiceProcess
 
 from examples.guests import mbr_checksum, mbr_checksum_image
 
@@ -48,21 +48,13 @@ def disk(tmp_path: Path) -> tuple[Path, int]:
 def serve(tmp_path: Path, disk: Path | None = None) -> Iterator[str]:
     socket = tmp_path / "pc.sock"
     env = dict(os.environ, PC_DISK=str(disk) if disk is not None else "")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dispatcher", "serve", "--socket", str(socket), "--device",
-         "examples.pc_service:pc_devices", "--log-level", "WARNING"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    service = ServiceProcess(
+        tmp_path, "--device", "examples.pc_service:pc_devices", socket=socket, env=env, ready_timeout=60
+    )
     try:
-        deadline = time.monotonic() + 60
-        while not socket.exists():
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            assert time.monotonic() < deadline, "serve did not create its socket"
-            time.sleep(0.05)
         yield f"unix:{socket}"
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        service.stop()
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from service_helpers import SERVE_ARGS, ServiceProcess
+from service_helpers import SERVE_ARGS
+from service_process import ServiceProcess
 
 
 @pytest.fixture(scope="module", params=["asyncio", "trio"])

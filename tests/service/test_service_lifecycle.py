@@ -14,7 +14,8 @@ from pathlib import Path
 import anyio
 import pytest
 from service_devices import GATE, SCRATCH, SLOW
-from service_helpers import HERE, SERVE_ARGS, ServiceProcess, intercept, serve_command
+from service_helpers import HERE, SERVE_ARGS, intercept
+from service_process import ServiceProcess, serve_command
 
 from dispatcher import Status, TransportClosedError, decode_completion
 from transports.client import connect_service

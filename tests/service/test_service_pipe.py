@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 from service_devices import BROKEN, GATE, MOST_AT_ONCE, SCRATCH, SLOW
-from service_helpers import HERE, SERVE_ARGS, intercept, serve_command
+from service_helpers import HERE, SERVE_ARGS, intercept
+from service_process import serve_command
 
 from dispatcher import Status, decode_completion
 from transports.client import spawn_service

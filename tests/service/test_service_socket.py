@@ -13,7 +13,8 @@ from pathlib import Path
 import anyio
 import pytest
 from service_devices import BROKEN, GATE, MOST_AT_ONCE, SCRATCH, SLOW
-from service_helpers import ServiceProcess, intercept
+from service_helpers import intercept
+from service_process import ServiceProcess
 
 from dispatcher import (
     UNKNOWN_VP,

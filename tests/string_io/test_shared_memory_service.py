@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import mmap
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from service_process import ServiceProcess
 from string_devices import BYTES, FIFO
 from string_driver import Vp, instruction
 
@@ -24,21 +21,6 @@ pytestmark = pytest.mark.anyio
 HERE = Path(__file__).parent
 RAM = 0x10_0000  # where the memfd sits in guest-physical memory
 SIZE = 0x2_0000
-
-
-def start_service(tmp: Path, backend: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
-    socket_path, log_path = tmp / "s.sock", tmp / "service.log"
-    command = [sys.executable, "-m", "dispatcher", "serve", "--backend", backend, "--socket", str(socket_path),
-               "--device", "string_devices:router", "--deadline", "30"]  # fmt: skip
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=HERE, stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.monotonic() + 30
-    while "serving on" not in log_path.read_text():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"the service did not start:\n{log_path.read_text()}")
-        time.sleep(0.02)
-    return process, socket_path, log_path
 
 
 def rep_frame(*, outs: bool, size: int, port: int, rcx: int, index: int) -> bytes:
@@ -61,7 +43,9 @@ async def run_to_end(client: object, *, outs: bool, size: int, port: int, count:
 
 
 async def test_string_io_through_serve_with_a_shared_memfd(tmp_path: Path, anyio_backend: str) -> None:
-    process, socket_path, log_path = start_service(tmp_path, anyio_backend)
+    socket_path = tmp_path / "s.sock"
+    service = ServiceProcess(tmp_path, "--device", "string_devices:router", "--deadline", "30", socket=socket_path,
+                             backend=anyio_backend, cwd=HERE)  # fmt: skip
     fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, SIZE)
@@ -84,5 +68,4 @@ async def test_string_io_through_serve_with_a_shared_memfd(tmp_path: Path, anyio
                 assert completion.status is Status.MEMORY_ERROR and completion.registers == Registers.NONE
     finally:
         os.close(fd)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0, log_path.read_text()
+        assert service.stop() == 0, service.log
