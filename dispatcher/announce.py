@@ -17,7 +17,7 @@ from .message import HEADER, HEADER_SIZE, MAX_PAYLOAD, check_header
 __all__ = ["ANNOUNCEMENT", "PortRange", "decode_announcement", "encode_announcement"]
 
 ANNOUNCEMENT = 0x1D00_0002
-_HEAD = struct.Struct("<I4BQ" "BBHI")
+_HEAD = struct.Struct("<I4BQ" "BBHI")  # fmt: skip
 _ENTRY = struct.Struct("<HHBxxx")
 _FIXED = _HEAD.size - HEADER_SIZE
 ENTRIES_PER_FRAME = (MAX_PAYLOAD - _FIXED) // _ENTRY.size

@@ -53,7 +53,7 @@ log = logging.getLogger("dispatcher")
 
 # The fields the dispatch decision needs, up to and including RAX; the CS
 # base, limit and selector are skipped, its attributes give the code size.
-_LEAN = struct.Struct("<I4BQ" "IBBH" "14xH" "QQ" "HBBI" "Q")
+_LEAN = struct.Struct("<I4BQ" "IBBH" "14xH" "QQ" "HBBI" "Q")  # fmt: skip
 _MASK = (0, 0xFF, 0xFFFF, 0, 0xFFFF_FFFF)
 _KEEP = (0, ~0xFF & (1 << 64) - 1, ~0xFFFF & (1 << 64) - 1, 0, 0)
 _KNOWN = frozenset({IO_PORT_INTERCEPT})
@@ -62,9 +62,7 @@ _pack = COMPLETION_STRUCT.pack
 _FRAME_MIN = HEADER_SIZE + IO_PORT_PAYLOAD_SIZE
 # Indexed by AccessType << 8 | AccessInfo: what the inline path takes, a
 # read or write whose AccessInfo is valid and not a string operation.
-_SIMPLE_ACCESS = tuple(
-    key >> 8 <= 1 and VALID_ACCESS_INFO[key & 0xFF] and not key & 0x08 for key in range(0x10000)
-)
+_SIMPLE_ACCESS = tuple(key >> 8 <= 1 and VALID_ACCESS_INFO[key & 0xFF] and not key & 0x08 for key in range(0x10000))
 _RIP = int(Registers.RIP)
 _RIP_RAX = int(Registers.RIP | Registers.RAX)
 
@@ -142,8 +140,7 @@ class EngineStats:
     @property
     def completed(self) -> int:
         """Intercepts completed with status COMPLETED."""
-        return (self.intercepts - self.handler_failed - self.deadline_exceeded - self.unsupported
-                - self.memory_errors)
+        return self.intercepts - self.handler_failed - self.deadline_exceeded - self.unsupported - self.memory_errors
 
     @property
     def per_port(self) -> Counter[int]:
@@ -225,8 +222,26 @@ class Engine:
             # inside one synchronous claim, for a VP with nothing queued. It
             # must produce exactly what _process would; anything else goes there.
             try:
-                (mtype, b4, _b5, _b6, _b7, partition, vp, length_cr8, access_type, state, cs_attributes,
-                 rip, _rflags, port, access_info, byte_count, _reserved, rax) = unpack(frame)
+                (
+                    mtype,
+                    b4,
+                    _b5,
+                    _b6,
+                    _b7,
+                    partition,
+                    vp,
+                    length_cr8,
+                    access_type,
+                    state,
+                    cs_attributes,
+                    rip,
+                    _rflags,
+                    port,
+                    access_info,
+                    byte_count,
+                    _reserved,
+                    rax,
+                ) = unpack(frame)
             except struct.error:
                 process(frame, out)
                 continue
@@ -257,13 +272,27 @@ class Engine:
             else:
                 next_rip = (rip + (length_cr8 & 0xF)) & 0xFFFF
             is_write = access_type == 1
-            access = new_tuple(port_access, (port, size, is_write, rax & mask[size] if is_write else 0,
-                                             port - claim.first, vp, partition))
+            access = new_tuple(
+                port_access,
+                (port, size, is_write, rax & mask[size] if is_write else 0, port - claim.first, vp, partition),
+            )
             try:
                 result = claim.handler(access)
             except Exception as error:
-                append(self._fail(partition, vp, port, access_info, is_write, rax, next_rip,
-                                  Status.HANDLER_FAILED, error, [Step(claim, access, 0)]))
+                append(
+                    self._fail(
+                        partition,
+                        vp,
+                        port,
+                        access_info,
+                        is_write,
+                        rax,
+                        next_rip,
+                        Status.HANDLER_FAILED,
+                        error,
+                        [Step(claim, access, 0)],
+                    )
+                )
                 last = clock()
                 continue
             # One clock read per frame: the time since the previous one is this
@@ -271,17 +300,74 @@ class Engine:
             now = clock()
             elapsed, last = now - last, now
             if deadline is not None and elapsed > deadline:
-                append(self._fail(partition, vp, port, access_info, is_write, rax, next_rip,
-                                  Status.DEADLINE_EXCEEDED, None, [Step(claim, access, 0)]))
+                append(
+                    self._fail(
+                        partition,
+                        vp,
+                        port,
+                        access_info,
+                        is_write,
+                        rax,
+                        next_rip,
+                        Status.DEADLINE_EXCEEDED,
+                        None,
+                        [Step(claim, access, 0)],
+                    )
+                )
             elif is_write:
-                append(pack(completion, payload, 0, 0, 0, partition, vp, version, 0, rip_only, next_rip, rax,
-                             0, 0, 0, port, access_info, 0, 0))
+                append(
+                    pack(
+                        completion,
+                        payload,
+                        0,
+                        0,
+                        0,
+                        partition,
+                        vp,
+                        version,
+                        0,
+                        rip_only,
+                        next_rip,
+                        rax,
+                        0,
+                        0,
+                        0,
+                        port,
+                        access_info,
+                        0,
+                        0,
+                    )
+                )
             elif type(result) is int:
-                append(pack(completion, payload, 0, 0, 0, partition, vp, version, 0, rip_rax, next_rip,
-                             (rax & keep[size]) | (result & mask[size]), 0, 0, 0, port, access_info, 0, 0))
+                append(
+                    pack(
+                        completion,
+                        payload,
+                        0,
+                        0,
+                        0,
+                        partition,
+                        vp,
+                        version,
+                        0,
+                        rip_rax,
+                        next_rip,
+                        (rax & keep[size]) | (result & mask[size]),
+                        0,
+                        0,
+                        0,
+                        port,
+                        access_info,
+                        0,
+                        0,
+                    )
+                )
             else:
-                append(self._complete(partition, vp, port, access_info, is_write, rax, next_rip,
-                                      [Step(claim, access, 0)], [result]))
+                append(
+                    self._complete(
+                        partition, vp, port, access_info, is_write, rax, next_rip, [Step(claim, access, 0)], [result]
+                    )
+                )
         return out, jobs
 
     def finish(
@@ -302,11 +388,34 @@ class Engine:
             template = steps if isinstance(steps[0].claim, BulkClaim) else steps[: len(steps) // job.string.elements]
             out.append(self._finish_string(job.string, template, results or [], status, error))
         elif status is Status.COMPLETED and results is not None:
-            out.append(self._complete(job.partition, job.vp_index, job.port, job.access_info, job.is_write,
-                                      job.rax, job.next_rip, job.steps, results))
+            out.append(
+                self._complete(
+                    job.partition,
+                    job.vp_index,
+                    job.port,
+                    job.access_info,
+                    job.is_write,
+                    job.rax,
+                    job.next_rip,
+                    job.steps,
+                    results,
+                )
+            )
         else:
-            out.append(self._fail(job.partition, job.vp_index, job.port, job.access_info, job.is_write,
-                                  job.rax, job.next_rip, status, error, job.steps))
+            out.append(
+                self._fail(
+                    job.partition,
+                    job.vp_index,
+                    job.port,
+                    job.access_info,
+                    job.is_write,
+                    job.rax,
+                    job.next_rip,
+                    status,
+                    error,
+                    job.steps,
+                )
+            )
         queue = self._waiting[job.key]
         while queue:
             next_job = self._process(queue.popleft(), out, queued=True)
@@ -318,8 +427,26 @@ class Engine:
     def _process(self, frame: bytes, out: list[bytes], queued: bool = False) -> Job | None:
         stats = self.stats
         try:
-            (mtype, b4, _b5, _b6, _b7, partition, vp, length_cr8, access_type, state, cs_attributes,
-             rip, _rflags, port, access_info, byte_count, _reserved, rax) = _LEAN.unpack_from(frame)
+            (
+                mtype,
+                b4,
+                _b5,
+                _b6,
+                _b7,
+                partition,
+                vp,
+                length_cr8,
+                access_type,
+                state,
+                cs_attributes,
+                rip,
+                _rflags,
+                port,
+                access_info,
+                byte_count,
+                _reserved,
+                rax,
+            ) = _LEAN.unpack_from(frame)
         except struct.error:
             # Too short to hold the fields above: the precise check names the gap.
             self._reject(frame, out)
@@ -352,8 +479,15 @@ class Engine:
         is_write = access_type == 1
         claim = (self.router.write_table if is_write else self.router.read_table)[port]
         if claim is not None and claim.last >= port + size - 1 and size <= claim.max_size:
-            steps = [Step(claim, PortAccess(port, size, is_write, rax & _MASK[size] if is_write else 0,
-                                            port - claim.first, vp, partition), 0)]
+            steps = [
+                Step(
+                    claim,
+                    PortAccess(
+                        port, size, is_write, rax & _MASK[size] if is_write else 0, port - claim.first, vp, partition
+                    ),
+                    0,
+                )
+            ]
         else:
             steps = self._split(port, size, is_write, rax, vp, partition)
         if any(step.claim is not None and step.claim.is_async for step in steps):
@@ -366,12 +500,18 @@ class Engine:
             for step in steps:
                 results.append(call_step(step))
         except Exception as error:
-            out.append(self._fail(partition, vp, port, access_info, is_write, rax, next_rip,
-                                  Status.HANDLER_FAILED, error, steps))
+            out.append(
+                self._fail(
+                    partition, vp, port, access_info, is_write, rax, next_rip, Status.HANDLER_FAILED, error, steps
+                )
+            )
             return None
         if self.deadline is not None and clock() - started > self.deadline:
-            out.append(self._fail(partition, vp, port, access_info, is_write, rax, next_rip,
-                                  Status.DEADLINE_EXCEEDED, None, steps))
+            out.append(
+                self._fail(
+                    partition, vp, port, access_info, is_write, rax, next_rip, Status.DEADLINE_EXCEEDED, None, steps
+                )
+            )
             return None
         out.append(self._complete(partition, vp, port, access_info, is_write, rax, next_rip, steps, results))
         return None
@@ -385,20 +525,60 @@ class Engine:
         if all(c is None for c in claims):
             return [Step(None, PortAccess(port, size, is_write, rax & _MASK[size], 0, vp, partition), 0)]
         return [
-            Step(c, PortAccess(port + i, 1, is_write, rax >> 8 * i & 0xFF,
-                               port + i - c.first if c is not None else 0, vp, partition), 8 * i)
+            Step(
+                c,
+                PortAccess(
+                    port + i,
+                    1,
+                    is_write,
+                    rax >> 8 * i & 0xFF,
+                    port + i - c.first if c is not None else 0,
+                    vp,
+                    partition,
+                ),
+                8 * i,
+            )
             for i, c in enumerate(claims)
         ]
 
-    def _complete(self, partition: int, vp: int, port: int, access_info: int, is_write: bool, rax: int,
-                  next_rip: int, steps: list[Step], results: list[object]) -> bytes:
+    def _complete(
+        self,
+        partition: int,
+        vp: int,
+        port: int,
+        access_info: int,
+        is_write: bool,
+        rax: int,
+        next_rip: int,
+        steps: list[Step],
+        results: list[object],
+    ) -> bytes:
         stats = self.stats
         if is_write:
             for step in steps:
                 if step.claim is None:
                     stats.unclaimed_writes += 1
-            return _pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, 0, _RIP, next_rip, rax,
-                         0, 0, 0, port, access_info, 0, 0)
+            return _pack(
+                COMPLETION,
+                _PAYLOAD,
+                0,
+                0,
+                0,
+                partition,
+                vp,
+                PROTOCOL_VERSION,
+                0,
+                _RIP,
+                next_rip,
+                rax,
+                0,
+                0,
+                0,
+                port,
+                access_info,
+                0,
+                0,
+            )
         value = 0
         for step, result in zip(steps, results, strict=True):
             mask = _MASK[step.access.size]
@@ -409,26 +589,104 @@ class Engine:
                 value |= (result & mask) << step.shift
             else:
                 error = TypeError(f"a read handler returned {result!r}, not an int")
-                return self._fail(partition, vp, port, access_info, is_write, rax, next_rip,
-                                  Status.HANDLER_FAILED, error, steps)
+                return self._fail(
+                    partition, vp, port, access_info, is_write, rax, next_rip, Status.HANDLER_FAILED, error, steps
+                )
         size = access_info & 7
-        return _pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, 0, _RIP_RAX, next_rip,
-                     (rax & _KEEP[size]) | value, 0, 0, 0, port, access_info, 0, 0)
+        return _pack(
+            COMPLETION,
+            _PAYLOAD,
+            0,
+            0,
+            0,
+            partition,
+            vp,
+            PROTOCOL_VERSION,
+            0,
+            _RIP_RAX,
+            next_rip,
+            (rax & _KEEP[size]) | value,
+            0,
+            0,
+            0,
+            port,
+            access_info,
+            0,
+            0,
+        )
 
-    def _fail(self, partition: int, vp: int, port: int, access_info: int, is_write: bool, rax: int, next_rip: int,
-              status: Status, error: BaseException | None, steps: list[Step]) -> bytes:
+    def _fail(
+        self,
+        partition: int,
+        vp: int,
+        port: int,
+        access_info: int,
+        is_write: bool,
+        rax: int,
+        next_rip: int,
+        status: Status,
+        error: BaseException | None,
+        steps: list[Step],
+    ) -> bytes:
         # The instruction still completes, as on hardware with a dead device:
         # a read gets all ones, a write is dropped.
         self._note_failure(partition, vp, port, access_info, is_write, status, error, steps)
         size = access_info & 7
         if is_write:
-            return _pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, status, _RIP, next_rip,
-                         rax, 0, 0, 0, port, access_info, 0, 0)
-        return _pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, status, _RIP_RAX, next_rip,
-                     (rax & _KEEP[size]) | _MASK[size], 0, 0, 0, port, access_info, 0, 0)
+            return _pack(
+                COMPLETION,
+                _PAYLOAD,
+                0,
+                0,
+                0,
+                partition,
+                vp,
+                PROTOCOL_VERSION,
+                status,
+                _RIP,
+                next_rip,
+                rax,
+                0,
+                0,
+                0,
+                port,
+                access_info,
+                0,
+                0,
+            )
+        return _pack(
+            COMPLETION,
+            _PAYLOAD,
+            0,
+            0,
+            0,
+            partition,
+            vp,
+            PROTOCOL_VERSION,
+            status,
+            _RIP_RAX,
+            next_rip,
+            (rax & _KEEP[size]) | _MASK[size],
+            0,
+            0,
+            0,
+            port,
+            access_info,
+            0,
+            0,
+        )
 
-    def _note_failure(self, partition: int, vp: int, port: int, access_info: int, is_write: bool, status: Status,
-                      error: BaseException | None, steps: list[Step]) -> None:
+    def _note_failure(
+        self,
+        partition: int,
+        vp: int,
+        port: int,
+        access_info: int,
+        is_write: bool,
+        status: Status,
+        error: BaseException | None,
+        steps: list[Step],
+    ) -> None:
         stats = self.stats
         if status is Status.DEADLINE_EXCEEDED:
             stats.deadline_exceeded += 1
@@ -438,7 +696,12 @@ class Engine:
         log.error(
             "%s on port %#x (%s, %d bytes) by %s, partition %d, VP %d",
             "handler failed" if status is Status.HANDLER_FAILED else "deadline exceeded",
-            port, "write" if is_write else "read", access_info & 7, names, partition, vp,
+            port,
+            "write" if is_write else "read",
+            access_info & 7,
+            names,
+            partition,
+            vp,
             exc_info=error,
         )
 
@@ -456,8 +719,14 @@ class Engine:
                     stats.unsupported += 1
                 else:
                     stats.memory_errors += 1
-            log.warning("string access to port %#x by partition %d, VP %d: %s: %s", plan.port, plan.partition,
-                        plan.vp_index, plan.status.name, plan.reason)
+            log.warning(
+                "string access to port %#x by partition %d, VP %d: %s: %s",
+                plan.port,
+                plan.partition,
+                plan.vp_index,
+                plan.status.name,
+                plan.reason,
+            )
             out.append(plan.completion)
             return None
         _, partition, vp, port, _, is_write, size, count, *_ = plan
@@ -519,8 +788,9 @@ class Engine:
         out.append(self._finish_string(plan, template, results, status, error))
         return None
 
-    def _finish_string(self, plan: StringPlan, template: list[Step], results: list[object], status: Status,
-                       error: BaseException | None) -> bytes:
+    def _finish_string(
+        self, plan: StringPlan, template: list[Step], results: list[object], status: Status, error: BaseException | None
+    ) -> bytes:
         # A handler that fails leaves the elements before it as they came; the
         # rest read all ones (or are dropped), as do all after a deadline, whose
         # results are discarded. Either way the chunk completes.
@@ -546,12 +816,18 @@ class Engine:
                 # The VMM took the memory away while async handlers ran (only
                 # a job can straddle that): the guest sees nothing happen.
                 stats.memory_errors += 1
-                log.warning("string access to port %#x by partition %d, VP %d: %s", plan.port, plan.partition,
-                            plan.vp_index, vanished)
+                log.warning(
+                    "string access to port %#x by partition %d, VP %d: %s",
+                    plan.port,
+                    plan.partition,
+                    plan.vp_index,
+                    vanished,
+                )
                 return plan._replace(registers=0).completion(Status.MEMORY_ERROR, MemoryFault.UNMAPPED)
         if status is not Status.COMPLETED:
-            self._note_failure(plan.partition, plan.vp_index, plan.port, plan.access_info, plan.is_write, status,
-                               error, template)
+            self._note_failure(
+                plan.partition, plan.vp_index, plan.port, plan.access_info, plan.is_write, status, error, template
+            )
         return plan.completion(status)
 
     def _reject(self, frame: bytes, out: list[bytes]) -> None:
@@ -562,8 +838,29 @@ class Engine:
         partition = int.from_bytes(frame[8:16], "little") if len(frame) >= 16 else 0
         vp = int.from_bytes(frame[16:20], "little") if len(frame) >= 20 else UNKNOWN_VP
         log.warning("rejected a frame from partition %d, VP %#x: %s", partition, vp, reason)
-        out.append(_pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, Status.PROTOCOL_ERROR, 0,
-                         0, 0, 0, 0, 0, 0, 0, 0, offset))
+        out.append(
+            _pack(
+                COMPLETION,
+                _PAYLOAD,
+                0,
+                0,
+                0,
+                partition,
+                vp,
+                PROTOCOL_VERSION,
+                Status.PROTOCOL_ERROR,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                offset,
+            )
+        )
 
 
 def first_error(frame: bytes) -> FrameError | None:
@@ -582,8 +879,11 @@ def _element_steps(template: list[Step], count: int, data: bytes, size: int) -> 
     if not template[0].access.is_write:
         return template * count
     return [
-        Step(step.claim, cast(PortAccess, step.access)._replace(value=value >> step.shift & _MASK[step.access.size]),
-             step.shift)
+        Step(
+            step.claim,
+            cast(PortAccess, step.access)._replace(value=value >> step.shift & _MASK[step.access.size]),
+            step.shift,
+        )
         for value in unpack_elements(data, size)
         for step in template
     ]

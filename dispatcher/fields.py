@@ -130,14 +130,7 @@ class SegmentAttributes(int):
         if not 0 <= dpl <= 3:
             raise ValueError(f"dpl must be 0..3, not {dpl}")
         return cls(
-            type
-            | s << 4
-            | dpl << 5
-            | present << 7
-            | avl << 12
-            | long << 13
-            | default_big << 14
-            | granularity << 15
+            type | s << 4 | dpl << 5 | present << 7 | avl << 12 | long << 13 | default_big << 14 | granularity << 15
         )
 
     @property

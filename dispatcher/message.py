@@ -40,16 +40,12 @@ _FRAME_SIZE = HEADER_SIZE + IO_PORT_PAYLOAD_SIZE
 
 HEADER = struct.Struct("<I4BQ")
 _SEGMENT = "QIHH"
-_BODY = struct.Struct(
-    "<I4BQ" "IBBH" + _SEGMENT + "QQ" "HBBI" "Q" "16s" + _SEGMENT + _SEGMENT + "QQQ"
-)
+_BODY = struct.Struct("<I4BQ" "IBBH" + _SEGMENT + "QQ" "HBBI" "Q" "16s" + _SEGMENT + _SEGMENT + "QQQ")  # fmt: skip
 assert _BODY.size == _FRAME_SIZE
 
 # Every AccessInfo byte the codec accepts: a size of 1, 2 or 4 and no REP
 # without StringOp. Bits 5-7 are reserved and therefore ignored.
-VALID_ACCESS_INFO = tuple(
-    (b & 7) in (1, 2, 4) and not (b & 0x10 and not b & 0x08) for b in range(256)
-)
+VALID_ACCESS_INFO = tuple((b & 7) in (1, 2, 4) and not (b & 0x10 and not b & 0x08) for b in range(256))
 
 
 def check_header(data: bytes | bytearray | memoryview, message_type: int, known: frozenset[int]) -> int:

@@ -21,9 +21,20 @@ from dispatcher import (
 
 
 def test_completion_layout() -> None:
-    data = Completion(vp_index=5, status=Status.HANDLER_FAILED, registers=Registers.RIP | Registers.RAX,
-                      rip=0x1122, rax=0x33FF, rcx=1, rsi=2, rdi=3, source_partition=9, port_number=0x64,
-                      access_info=1, detail=0xABCD).to_bytes()
+    data = Completion(
+        vp_index=5,
+        status=Status.HANDLER_FAILED,
+        registers=Registers.RIP | Registers.RAX,
+        rip=0x1122,
+        rax=0x33FF,
+        rcx=1,
+        rsi=2,
+        rdi=3,
+        source_partition=9,
+        port_number=0x64,
+        access_info=1,
+        detail=0xABCD,
+    ).to_bytes()
     assert len(data) == 72
     le = int.from_bytes
     assert le(data[0:4], "little") == 0x1D00_0001 and data[4] == 56

@@ -193,8 +193,9 @@ def test_a_malformed_frame_gets_a_protocol_error_naming_the_offset(mutate: objec
 
 def test_a_string_access_without_guest_memory_is_unsupported_when_not_handled() -> None:
     # String I/O needs guest memory; an engine built without it must say so, not guess.
-    message = IoPortInterceptMessage(port_number=0x1F0, access_info=AccessInfo.build(2, string_op=True),
-                                     instruction_bytes=b"\x6d", rax=0, rip=0x100)
+    message = IoPortInterceptMessage(
+        port_number=0x1F0, access_info=AccessInfo.build(2, string_op=True), instruction_bytes=b"\x6d", rax=0, rip=0x100
+    )
     out, _ = Engine(Router()).receive([message.to_bytes()])
     completion = decode_completion(out[0])
     assert completion.status in (Status.UNSUPPORTED, Status.MEMORY_ERROR)
@@ -203,7 +204,10 @@ def test_a_string_access_without_guest_memory_is_unsupported_when_not_handled() 
 
 frames_strategy = st.lists(
     st.tuples(
-        st.integers(0x0FE, 0x106), st.sampled_from([1, 2, 4]), st.booleans(), st.integers(0, 2**64 - 1),
+        st.integers(0x0FE, 0x106),
+        st.sampled_from([1, 2, 4]),
+        st.booleans(),
+        st.integers(0, 2**64 - 1),
         st.integers(0, 3),
     ),
     max_size=20,

@@ -32,10 +32,23 @@ def put(frame: bytearray, offset: int, size: int, value: int) -> None:
 def seed_frame(**overrides: int) -> bytearray:
     """A 144-byte intercept written field by field at the offsets of the seed page."""
     fields = {
-        "type": 0x8001_0000, "payload": 128, "partition": 0x1122_3344_5566_7788, "vp": 7,
-        "len_cr8": 0x52, "access": 1, "state": 0x0015, "cs_base": 0x1000, "cs_limit": 0xFFFF,
-        "cs_sel": 0x08, "cs_attr": 0xA09B, "rip": 0xFFFF_8000_0000_1234, "rflags": 0x202,
-        "port": 0x3F8, "info": 0x01, "count": 0, "rax": 0xDEAD_BEEF_CAFE_0041,
+        "type": 0x8001_0000,
+        "payload": 128,
+        "partition": 0x1122_3344_5566_7788,
+        "vp": 7,
+        "len_cr8": 0x52,
+        "access": 1,
+        "state": 0x0015,
+        "cs_base": 0x1000,
+        "cs_limit": 0xFFFF,
+        "cs_sel": 0x08,
+        "cs_attr": 0xA09B,
+        "rip": 0xFFFF_8000_0000_1234,
+        "rflags": 0x202,
+        "port": 0x3F8,
+        "info": 0x01,
+        "count": 0,
+        "rax": 0xDEAD_BEEF_CAFE_0041,
     }
     fields.update(overrides)
     f = bytearray(144)
@@ -117,8 +130,9 @@ def test_builds_from_fields_into_the_same_bytes() -> None:
         instruction_length=2,
         cr8=5,
         execution_state=ExecutionState.build(cpl=1, cr0_pe=True, efer_lma=True),
-        cs_segment=SegmentRegister(0x1000, 0xFFFF, 0x08, SegmentAttributes.build(
-            type=0xB, s=True, present=True, long=True, granularity=True)),
+        cs_segment=SegmentRegister(
+            0x1000, 0xFFFF, 0x08, SegmentAttributes.build(type=0xB, s=True, present=True, long=True, granularity=True)
+        ),
         rip=0xFFFF_8000_0000_1234,
         rflags=0x202,
         ds_segment=SegmentRegister(0, 0, 0, SegmentAttributes(0)),
@@ -184,8 +198,12 @@ def test_reserved_bits_are_ignored_and_preserved() -> None:
 
 class _Segment(ctypes.LittleEndianStructure):
     _pack_ = 1
-    _fields_ = [("base", ctypes.c_uint64), ("limit", ctypes.c_uint32), ("selector", ctypes.c_uint16),
-                ("attributes", ctypes.c_uint16)]
+    _fields_ = [
+        ("base", ctypes.c_uint64),
+        ("limit", ctypes.c_uint32),
+        ("selector", ctypes.c_uint16),
+        ("attributes", ctypes.c_uint16),
+    ]
 
 
 class _Message(ctypes.LittleEndianStructure):
@@ -193,24 +211,46 @@ class _Message(ctypes.LittleEndianStructure):
 
     _pack_ = 1
     _fields_ = [
-        ("message_type", ctypes.c_uint32), ("payload_size", ctypes.c_uint8), ("message_flags", ctypes.c_uint8),
-        ("reserved", ctypes.c_uint16), ("sender", ctypes.c_uint64),
-        ("vp_index", ctypes.c_uint32), ("instruction_length_cr8", ctypes.c_uint8),
-        ("intercept_access_type", ctypes.c_uint8), ("execution_state", ctypes.c_uint16),
-        ("cs_segment", _Segment), ("rip", ctypes.c_uint64), ("rflags", ctypes.c_uint64),
-        ("port_number", ctypes.c_uint16), ("access_info", ctypes.c_uint8),
-        ("instruction_byte_count", ctypes.c_uint8), ("reserved2", ctypes.c_uint32), ("rax", ctypes.c_uint64),
-        ("instruction_bytes", ctypes.c_uint8 * 16), ("ds_segment", _Segment), ("es_segment", _Segment),
-        ("rcx", ctypes.c_uint64), ("rsi", ctypes.c_uint64), ("rdi", ctypes.c_uint64),
+        ("message_type", ctypes.c_uint32),
+        ("payload_size", ctypes.c_uint8),
+        ("message_flags", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint16),
+        ("sender", ctypes.c_uint64),
+        ("vp_index", ctypes.c_uint32),
+        ("instruction_length_cr8", ctypes.c_uint8),
+        ("intercept_access_type", ctypes.c_uint8),
+        ("execution_state", ctypes.c_uint16),
+        ("cs_segment", _Segment),
+        ("rip", ctypes.c_uint64),
+        ("rflags", ctypes.c_uint64),
+        ("port_number", ctypes.c_uint16),
+        ("access_info", ctypes.c_uint8),
+        ("instruction_byte_count", ctypes.c_uint8),
+        ("reserved2", ctypes.c_uint32),
+        ("rax", ctypes.c_uint64),
+        ("instruction_bytes", ctypes.c_uint8 * 16),
+        ("ds_segment", _Segment),
+        ("es_segment", _Segment),
+        ("rcx", ctypes.c_uint64),
+        ("rsi", ctypes.c_uint64),
+        ("rdi", ctypes.c_uint64),
     ]
 
 
 def test_layout_matches_the_ctypes_oracle() -> None:
     assert ctypes.sizeof(_Message) == 144
-    m = IoPortInterceptMessage(port_number=0x1F0, rax=0x1234, rcx=9, rsi=0x10, rdi=0x20, vp_index=3,
-                               rip=0x7C00, instruction_bytes=b"\xf3\x6d", access_info=AccessInfo.build(
-                                   2, string_op=True, rep_prefix=True),
-                               es_segment=SegmentRegister(0x5000, 0xFFFF, 0x500, SegmentAttributes(0x93)))
+    m = IoPortInterceptMessage(
+        port_number=0x1F0,
+        rax=0x1234,
+        rcx=9,
+        rsi=0x10,
+        rdi=0x20,
+        vp_index=3,
+        rip=0x7C00,
+        instruction_bytes=b"\xf3\x6d",
+        access_info=AccessInfo.build(2, string_op=True, rep_prefix=True),
+        es_segment=SegmentRegister(0x5000, 0xFFFF, 0x500, SegmentAttributes(0x93)),
+    )
     c = _Message.from_buffer_copy(m.to_bytes())
     assert (c.port_number, c.rax, c.rcx, c.rsi, c.rdi, c.vp_index, c.rip) == (0x1F0, 0x1234, 9, 0x10, 0x20, 3, 0x7C00)
     assert c.access_info == 0x1A and c.instruction_byte_count == 2
@@ -229,13 +269,25 @@ def messages(draw: st.DrawFn) -> IoPortInterceptMessage:
     return IoPortInterceptMessage(
         port_number=draw(u16),
         access_type=draw(st.sampled_from(AccessType).filter(lambda a: a != AccessType.EXECUTE)),
-        access_info=AccessInfo.build(draw(st.sampled_from([1, 2, 4])), string_op=string_op,
-                                     rep_prefix=string_op and draw(st.booleans())),
-        rax=draw(u64), vp_index=draw(u32), source_partition=draw(u64),
-        instruction_length=draw(st.integers(0, 15)), cr8=draw(st.integers(0, 15)),
-        execution_state=ExecutionState(draw(u16)), cs_segment=draw(segments), rip=draw(u64), rflags=draw(u64),
-        instruction_bytes=draw(st.binary(max_size=16)), ds_segment=draw(segments), es_segment=draw(segments),
-        rcx=draw(u64), rsi=draw(u64), rdi=draw(u64), message_flags=draw(u8),
+        access_info=AccessInfo.build(
+            draw(st.sampled_from([1, 2, 4])), string_op=string_op, rep_prefix=string_op and draw(st.booleans())
+        ),
+        rax=draw(u64),
+        vp_index=draw(u32),
+        source_partition=draw(u64),
+        instruction_length=draw(st.integers(0, 15)),
+        cr8=draw(st.integers(0, 15)),
+        execution_state=ExecutionState(draw(u16)),
+        cs_segment=draw(segments),
+        rip=draw(u64),
+        rflags=draw(u64),
+        instruction_bytes=draw(st.binary(max_size=16)),
+        ds_segment=draw(segments),
+        es_segment=draw(segments),
+        rcx=draw(u64),
+        rsi=draw(u64),
+        rdi=draw(u64),
+        message_flags=draw(u8),
         reserved_header=draw(u16.filter(lambda v: v != 0)) if draw(st.booleans()) else 0,
         reserved_payload=draw(u32),
     )

@@ -20,7 +20,10 @@ def test_the_device_test_in_readme_passes(tmp_path: Path) -> None:
     (tmp_path / "test_scratch.py").write_text(block)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_scratch.py")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"\b[12] passed", result.stdout) and "failed" not in result.stdout  # one test, per backend
