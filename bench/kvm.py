@@ -117,14 +117,14 @@ def in_process(exits: int, *, posted: bool, handoff: str = "auto") -> float:
 
 
 def through_serve(exits: int) -> float:
-    from examples.pc_remote import forward, share_memory
+    from examples.pc_remote_vmm import forward, share_memory
     from transports.unix import connect_unix
 
     with tempfile.TemporaryDirectory() as directory:
         socket = Path(directory) / "pc.sock"
         service = subprocess.Popen(
             [sys.executable, "-m", "dispatcher", "serve", "--socket", str(socket), "--device",
-             "examples.pc_service:pc_devices", "--log-level", "WARNING"],
+             "examples.pc_remote_devices:pc_devices", "--log-level", "WARNING"],
             env=dict(os.environ, PC_DISK=""),
         )  # fmt: skip
         try:

@@ -21,13 +21,14 @@ from .errors import (
     UnknownMessageTypeError,
 )
 from .fields import AccessInfo, AccessType, ExecutionState, SegmentAttributes, SegmentRegister
+from .guest import Guest, SegmentSource, Translate, identity_translation
 from .guest_memory import BufferMemory, GuestMemory, MemoryFault, MemoryRegion
 from .irq import NO_RECEIVER, IrqEvent, IrqLine, IrqReceiver, IrqRecorder
 from .loop import Dispatcher
 from .message import IO_PORT_INTERCEPT, IoPortInterceptMessage, decode_message
 from .router import Access, BulkAccess, BulkClaim, BulkHandler, Claim, Handler, PortAccess, Router, on_bulk, on_port
 from .string_decode import Segment, StringInstruction, decode_string_instruction
-from .string_io import DEFAULT_MAX_ELEMENTS, SegmentSource, Translate, UnsupportedReason, identity_translation
+from .string_io import DEFAULT_MAX_ELEMENTS, UnsupportedReason
 from .transport import Transport
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "ExecutionState",
     "FieldValueError",
     "FrameError",
+    "Guest",
     "GuestMemory",
     "GuestMemoryError",
     "Handler",

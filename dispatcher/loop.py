@@ -79,12 +79,12 @@ class Dispatcher:
         Closes the transport before returning. Signals readiness through
         ``task_status`` (use it with ``TaskGroup.start``).
         """
-        memory = getattr(transport, "guest_memory", None)
+        guest = transport.guest
         engine = Engine(
             self.router,
             deadline=self.deadline,
             stats=self.stats,
-            memory=memory if isinstance(memory, GuestMemory) else self.memory,
+            memory=guest.memory if guest is not None else self.memory,
             max_elements=self.max_elements,
             translate=self.translate,
             segments=self.segments,
@@ -119,7 +119,7 @@ class Dispatcher:
 
         # A transport that can stop reading by itself needs no cancel scope per
         # read, which costs more than the rest of a small batch's round trip.
-        stop_reading: Callable[[], object] | None = getattr(transport, "stop_reading", None)
+        stop_reading = transport.stop_reading if transport.stops_reading else None
         if stop_reading is not None:
             self._stop_readers.add(stop_reading)
             if self._stopping:

@@ -258,10 +258,14 @@ class Router:
         self._claims.append(claim)
         return claim
 
-    def on_port(
+    def claim(
         self, port: int, count: int = 1, *, access: Access | str = Access.READ_WRITE, max_size: int = 4
     ) -> Callable[[F], F]:
-        """Decorator form of :meth:`add`."""
+        """Decorator form of :meth:`add`: install the decorated function at once.
+
+        (The module-level :func:`on_port` only marks a function for a later
+        :meth:`include`.)
+        """
 
         def decorate(func: F) -> F:
             self.add(func, port, count, access=access, max_size=max_size)

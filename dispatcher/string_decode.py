@@ -15,23 +15,13 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from .errors import FieldValueError
+from .x86 import Segment
 
 __all__ = ["Segment", "StringInstruction", "decode_string_instruction"]
 
 _BYTES_OFFSET = 72  # InstructionBytes in the intercept frame
 _COUNT_OFFSET = 59  # InstructionByteCount
 _MAX_LENGTH = 15  # the architectural limit of an x86 instruction
-
-
-class Segment(enum.IntEnum):
-    """Segment registers, numbered as the x86 encodes them."""
-
-    ES = 0
-    CS = 1
-    SS = 2
-    DS = 3
-    FS = 4
-    GS = 5
 
 
 _OVERRIDES = {

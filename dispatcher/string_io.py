@@ -29,6 +29,7 @@ from typing import NamedTuple
 from .completion import COMPLETION, COMPLETION_SIZE, COMPLETION_STRUCT, PROTOCOL_VERSION, Registers, Status
 from .errors import FieldValueError
 from .fields import SegmentRegister
+from .guest import SegmentSource, Translate
 from .guest_memory import GuestMemory, MemoryFault
 from .message import HEADER_SIZE
 from .string_decode import Segment, decode_string_instruction
@@ -36,12 +37,9 @@ from .string_decode import Segment, decode_string_instruction
 __all__ = [
     "DEFAULT_MAX_ELEMENTS",
     "Refusal",
-    "SegmentSource",
     "StringPlan",
-    "Translate",
     "UnsupportedReason",
     "gather",
-    "identity_translation",
     "pack_elements",
     "plan_string",
     "scatter",
@@ -51,15 +49,6 @@ __all__ = [
 DEFAULT_MAX_ELEMENTS = 1024
 PAGE_SIZE = 4096
 
-Translate = Callable[[int, int, int, bool], "int | None"]
-"""``translate(partition, vp_index, linear, write)``: the guest-physical address of the
-byte at ``linear``, valid to the end of its 4 KiB page, or None if the guest's page
-tables do not allow the access (the VMM raises the #PF)."""
-
-SegmentSource = Callable[[int, int, Segment], "SegmentRegister | None"]
-"""``segments(partition, vp_index, segment)``: the current SS, FS or GS of a VP (which the
-intercept does not carry), or None if unknown."""
-
 
 class UnsupportedReason(enum.IntEnum):
     """The Detail of an UNSUPPORTED completion for a string access."""
@@ -67,11 +56,6 @@ class UnsupportedReason(enum.IntEnum):
     NO_GUEST_MEMORY = 1  # this connection has no guest memory (e.g. the pipe transport)
     SEGMENT_NOT_CARRIED = 2  # an SS/FS/GS override and no segment source knows it
     NEEDS_TRANSLATION = 3  # long mode (paging is on) and no translation hook
-
-
-def identity_translation(partition: int, vp_index: int, linear: int, write: bool) -> int:
-    """The translation hook of a guest whose page tables map every address to itself."""
-    return linear
 
 
 # The intercept's fields from offset 8 (the segment registers skipped), a

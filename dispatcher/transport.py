@@ -1,10 +1,13 @@
-"""The interface every transport implements: batches of frames in and out."""
+"""The interface every transport implements: batches of frames in and out, and its declared features."""
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
 from types import TracebackType
+from typing import ClassVar
+
+from .guest import Guest
 
 __all__ = ["Transport"]
 
@@ -14,14 +17,30 @@ class Transport(abc.ABC):
 
     Frames travel in batches so a busy connection costs one await per batch,
     not one per frame.
+
+    Optional features are declared here, with their defaults, so a
+    dispatcher never probes for them:
+
+    - :attr:`guest`: the guest memory (and hooks) string I/O on this
+      connection uses; None where the connection carries none.
+    - :attr:`stops_reading`: True when :meth:`stop_reading` makes a pending
+      :meth:`receive_batch` deliver the frames that had arrived and then end
+      the stream; False (the default) when a reader must be cancelled instead.
     """
+
+    stops_reading: ClassVar[bool] = False
+
+    @property
+    def guest(self) -> Guest | None:
+        """The guest this connection serves, if it carries guest memory."""
+        return None
 
     @abc.abstractmethod
     async def receive_batch(self) -> list[bytes]:
         """Wait for at least one frame; return every frame ready now.
 
         Returns an empty list once the other side has closed. Raises
-        :class:`~dispatcher.errors.TransportError` if the connection breaks.
+        :class:`~dispatcher.TransportError` if the connection breaks.
         """
 
     @abc.abstractmethod
@@ -31,6 +50,9 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Close both directions; closing twice is harmless."""
+
+    def stop_reading(self) -> None:
+        """Graceful stop: read no more. Where :attr:`stops_reading` is False this does nothing."""
 
     async def __aenter__(self) -> Transport:
         return self

@@ -20,7 +20,7 @@ import anyio
 
 from transports.kvm import KvmUnavailableError, kvm_available
 
-from .pc_machine import MiB, PcConfig, run_pc
+from .pc_kvm import MiB, PcConfig, run_pc
 
 __all__ = ["main"]
 
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.backend == "inproc":
             result = anyio.run(run_pc, config)
         elif args.backend.startswith("unix:"):
-            from .pc_remote import run_remote_pc
+            from .pc_remote_vmm import run_remote_pc
 
             result = anyio.run(run_remote_pc, config, args.backend[len("unix:") :])
         else:

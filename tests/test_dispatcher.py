@@ -33,7 +33,7 @@ def router() -> Router:
     router = Router()
     scratch = {"value": 0}
 
-    @router.on_port(0x3FF)
+    @router.claim(0x3FF)
     def scratch_register(access: PortAccess) -> int | None:
         if access.is_write:
             scratch["value"] = access.value
@@ -84,7 +84,7 @@ async def test_fake_vp_applies_the_architectural_rax_merge(router: Router) -> No
 async def test_strict_vp_raises_on_a_failed_handler_after_applying_the_completion() -> None:
     router = Router()
 
-    @router.on_port(0x64)
+    @router.claim(0x64)
     def broken(access: PortAccess) -> int:
         raise ValueError("no")
 
@@ -102,14 +102,14 @@ async def test_one_vp_waits_its_turn_while_others_run() -> None:
     order: list[str] = []
     release = anyio.Event()
 
-    @router.on_port(0x10)
+    @router.claim(0x10)
     async def slow(access: PortAccess) -> int:
         order.append(f"slow start vp{access.vp_index}")
         await release.wait()
         order.append(f"slow end vp{access.vp_index}")
         return 1
 
-    @router.on_port(0x11)
+    @router.claim(0x11)
     def fast(access: PortAccess) -> int:
         order.append(f"fast vp{access.vp_index}")
         return 2
@@ -134,12 +134,12 @@ async def test_one_vp_waits_its_turn_while_others_run() -> None:
 async def test_an_async_handler_past_its_deadline_is_cancelled_and_completed() -> None:
     router = Router()
 
-    @router.on_port(0x20)
+    @router.claim(0x20)
     async def hangs(access: PortAccess) -> int:
         await anyio.sleep_forever()
         raise AssertionError("unreachable")
 
-    @router.on_port(0x21)
+    @router.claim(0x21)
     async def fine(access: PortAccess) -> int:
         return 0x42
 
@@ -160,7 +160,7 @@ async def test_an_async_handler_past_its_deadline_is_cancelled_and_completed() -
 async def test_an_async_handler_failure_is_one_completion() -> None:
     router = Router()
 
-    @router.on_port(0x30)
+    @router.claim(0x30)
     async def broken(access: PortAccess) -> None:
         raise KeyError("gone")
 
@@ -176,7 +176,7 @@ async def test_graceful_stop_finishes_in_flight_intercepts() -> None:
     router = Router()
     started = anyio.Event()
 
-    @router.on_port(0x40)
+    @router.claim(0x40)
     async def slow(access: PortAccess) -> int:
         started.set()
         await anyio.sleep(0.05)
@@ -200,7 +200,7 @@ async def test_many_vps_concurrently() -> None:
     router = Router()
     counts: dict[int, int] = {}
 
-    @router.on_port(0x50, 4)
+    @router.claim(0x50, 4)
     async def per_vp(access: PortAccess) -> int | None:
         await anyio.sleep(0)
         if access.is_write:

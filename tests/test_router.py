@@ -16,7 +16,7 @@ def reader(access: PortAccess) -> int:
 def test_decorator_installs_a_claim_for_a_range() -> None:
     router = Router()
 
-    @router.on_port(0x3F8, 8)
+    @router.claim(0x3F8, 8)
     def uart(access: PortAccess) -> int:
         return 0
 

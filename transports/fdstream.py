@@ -47,6 +47,8 @@ class FdStreamTransport(Transport):
     graceful half-close a service uses when it stops.
     """
 
+    stops_reading = True
+
     def __init__(self, read_fd: int, write_fd: int, *, name: str) -> None:
         self.name = name
         self._read_fd = read_fd

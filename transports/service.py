@@ -46,13 +46,13 @@ log = logging.getLogger("dispatcher.service")
 def default_devices() -> Router:
     """The embedded default device set, served when no ``--device`` is given.
 
-    The example PC of :func:`examples.machine.build_pc` without a disk: the
+    The example PC of :func:`examples.pc_devices.build_pc` without a disk: the
     PICs, PIT and port 0x61, RTC/CMOS, COM1, the i8042, port 0x92, PCI
     configuration with an i440FX host bridge, POST codes, the debug console
     and isa-debug-exit; every other port is unclaimed. What COM1 and the
     debug console print is logged line by line.
     """
-    from examples.machine import build_pc
+    from examples.pc_devices import build_pc
 
     return build_pc(serial_sink=_LineLogger("COM1"), debug_sink=_LineLogger("debugcon")).router
 

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from dispatcher import (
+    Guest,
     COMPLETION,
     PROTOCOL_VERSION,
     UNKNOWN_VP,
@@ -151,9 +152,12 @@ class SharedMemoryTransport(Transport):
     Everything else passes through unchanged. Closing it unmaps the regions.
     """
 
+    stops_reading = True
+
     def __init__(self, transport: UnixTransport, *, max_regions: int = MAX_REGIONS) -> None:
         self.transport = transport
         self.guest_memory = BufferMemory()
+        self._guest = Guest(self.guest_memory)
         self.max_regions = max_regions
         self._maps: dict[int, mmap.mmap] = {}
         self._pending: list[bytes] = []
@@ -232,6 +236,11 @@ class SharedMemoryTransport(Transport):
             raise OSError(errno.ENOENT, f"no region starts at {guest_physical:#x}")
         self.guest_memory.remove(guest_physical)
         mapping.close()
+
+    @property
+    def guest(self) -> Guest:
+        """The regions the VMM shared, as string I/O's guest memory."""
+        return self._guest
 
     def stop_reading(self) -> None:
         """Stop reading; the frames that had arrived are still delivered (see ``FdStreamTransport``)."""

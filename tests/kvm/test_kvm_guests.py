@@ -56,7 +56,7 @@ async def test_out_loop_reaches_the_handler_once_per_out() -> None:
     seen: list[int] = []
     router = Router()
 
-    @router.on_port(0x80)
+    @router.claim(0x80)
     def post(access: PortAccess) -> None:
         seen.append(access.value)
 

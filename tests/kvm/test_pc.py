@@ -49,7 +49,7 @@ def serve(tmp_path: Path, disk: Path | None = None) -> Iterator[str]:
     socket = tmp_path / "pc.sock"
     env = dict(os.environ, PC_DISK=str(disk) if disk is not None else "")
     service = ServiceProcess(
-        tmp_path, "--device", "examples.pc_service:pc_devices", socket=socket, env=env, ready_timeout=60
+        tmp_path, "--device", "examples.pc_remote_devices:pc_devices", socket=socket, env=env, ready_timeout=60
     )
     try:
         yield f"unix:{socket}"

@@ -18,14 +18,14 @@ def router() -> Router:
     scratch = [0]
     slow_now = [0, 0]  # in progress, most ever
 
-    @devices.on_port(SCRATCH)
+    @devices.claim(SCRATCH)
     def scratch_register(access: PortAccess) -> int | None:
         if access.is_write:
             scratch[0] = access.value
             return None
         return scratch[0]
 
-    @devices.on_port(SLOW)
+    @devices.claim(SLOW)
     async def slow_register(access: PortAccess) -> int | None:
         slow_now[0] += 1
         slow_now[1] = max(slow_now)
@@ -35,17 +35,17 @@ def router() -> Router:
             slow_now[0] -= 1
         return None if access.is_write else 0x40 + access.vp_index % 64
 
-    @devices.on_port(MOST_AT_ONCE, access="r")
+    @devices.claim(MOST_AT_ONCE, access="r")
     def most_at_once(access: PortAccess) -> int:
         return slow_now[1]
 
-    @devices.on_port(BROKEN)
+    @devices.claim(BROKEN)
     def broken_register(access: PortAccess) -> int | None:
         raise RuntimeError("this device is broken on purpose")
 
     closed_gate: list[anyio.Event] = []
 
-    @devices.on_port(GATE)
+    @devices.claim(GATE)
     async def gate(access: PortAccess) -> int | None:
         if access.is_write:
             for waiting in closed_gate:

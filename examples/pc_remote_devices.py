@@ -2,7 +2,7 @@
 
 ::
 
-    PC_DISK=disk.img python -m dispatcher serve --socket /tmp/pc.sock --device examples.pc_service:pc_devices
+    PC_DISK=disk.img python -m dispatcher serve --socket /tmp/pc.sock --device examples.pc_remote_devices:pc_devices
     python -m examples.pc --bios /usr/share/seabios/bios.bin --backend unix:/tmp/pc.sock
 
 Every port the guest touches is answered here. What a PC board has besides
@@ -14,7 +14,7 @@ the VMM prints. The VMM reads them with intercepts of its own, from a VP
 index no vCPU has (:data:`PLATFORM_VP`); the intercept protocol has no other
 way to carry an interrupt, so this is the narrow waist. Reading the block
 also brings the timers (PIT, RTC, UART) up to date, as the in-process
-machine loop does (:class:`examples.pc_machine.TimeKeeper`).
+machine loop does (:class:`examples.pc_kvm.TimeKeeper`).
 
 Environment: ``PC_DISK`` (an image for ATA device 0, optional) and
 ``PC_MEMORY_MIB`` (default 64; it must match the VMM's ``--memory``, the
@@ -29,8 +29,8 @@ from collections import deque
 
 from dispatcher import PortAccess, Router, on_port
 
-from .machine import PC, build_pc
-from .pc_machine import TimeKeeper
+from .pc_devices import PC, build_pc
+from .pc_kvm import TimeKeeper
 
 __all__ = [
     "ACK",
@@ -95,7 +95,7 @@ class PlatformPorts:
 
 
 def pc_devices() -> Router:
-    """The PC (:func:`examples.machine.build_pc`) and its platform block, as ``PC_DISK``/``PC_MEMORY_MIB`` say."""
+    """The PC (:func:`examples.pc_devices.build_pc`) and its platform block, as ``PC_DISK``/``PC_MEMORY_MIB`` say."""
     output: deque[int] = deque(maxlen=_CONSOLE_LIMIT)
     disk = os.environ.get("PC_DISK") or None
     memory = int(os.environ.get("PC_MEMORY_MIB", "64")) << 20

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from dispatcher import BufferMemory, IrqRecorder, Router
-from examples.machine import PC, build_pc
+from examples.pc_devices import PC, build_pc
 from transports.testing import CpuMode, FakePartition, FakeVP
 
 pytestmark = pytest.mark.anyio

@@ -5,7 +5,7 @@ UNIX socket, waits for the port announcement, shares every memory slot
 (memfd, SCM_RIGHTS: string I/O in the service reads and writes guest RAM in
 place) and then relays: intercept frames from the vCPU threads to the
 socket, completions back. The board's signals come through the service's
-platform block (:mod:`examples.pc_service`): the machine loop reads when the
+platform block (:mod:`examples.pc_remote_devices`): the machine loop reads when the
 timers next need a look and whether INTR is high, the exit device and the
 console output; an interrupt acknowledge is a read of its own.
 
@@ -26,8 +26,8 @@ from transports.kvm import KvmTransport
 from transports.shared_memory import share_region
 from transports.unix import UnixTransport, connect_unix
 
-from .pc_machine import Outcome, PcConfig, PcResult, build_vm
-from .pc_service import ACK, CONSOLE, EXIT, NEXT_DUE, PLATFORM_BASE, PLATFORM_VP
+from .pc_kvm import Outcome, PcConfig, PcResult, build_vm
+from .pc_remote_devices import ACK, CONSOLE, EXIT, NEXT_DUE, PLATFORM_BASE, PLATFORM_VP
 
 __all__ = ["RemotePlatform", "forward", "run_remote_pc", "share_memory"]
 
@@ -142,7 +142,7 @@ async def _board(platform: RemotePlatform, transport: KvmTransport, outcome: Out
 
 
 async def run_remote_pc(config: PcConfig, socket: str) -> PcResult:
-    """Boot the PC with its devices in the ``serve`` process at ``socket``; as :func:`~examples.pc_machine.run_pc`."""
+    """Boot the PC with its devices in the ``serve`` process at ``socket``; as :func:`~examples.pc_kvm.run_pc`."""
     outcome = Outcome(config)
     vm = build_vm(config)
     with vm:

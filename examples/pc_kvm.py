@@ -1,4 +1,4 @@
-"""A PC on KVM: the example devices (:func:`examples.machine.build_pc`) behind a real vCPU.
+"""A PC on KVM: the example devices (:func:`examples.pc_devices.build_pc`) behind a real vCPU.
 
 ::
 
@@ -31,7 +31,7 @@ from dispatcher import Dispatcher, IrqLine
 from transports.kvm import KvmTransport, StopReason, Vm
 
 from .ata import AtaDisk
-from .machine import PC, build_pc
+from .pc_devices import PC, build_pc
 
 __all__ = ["BIOS_TOP", "Outcome", "PcConfig", "PcResult", "TimeKeeper", "build_vm", "run_pc"]
 
