@@ -1,6 +1,6 @@
 """The backend service over a UNIX socket and over pipes, beside a raw socketpair echo.
 
-The service runs as ``python -m dispatcher serve`` in a child process, with
+The service runs as ``python -m examples serve`` in a child process, with
 the bundled default devices; every intercept is ``in al, dx`` from the
 UART's scratch register (0x3FF). The VMM side here is a plain blocking
 client (what a VMM written in C would do), so the figures are the
@@ -175,7 +175,7 @@ def serve_command(backend: str, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "dispatcher",
+        "examples",
         "serve",
         "--log-level",
         "WARNING",
@@ -188,10 +188,10 @@ def serve_command(backend: str, *extra: str) -> list[str]:
 
 
 def client_figures(path: str, count: int) -> dict[str, float]:
-    """The project's VMM-side client (transports.client) against the running service."""
+    """The project's VMM-side client (transports.service) against the running service."""
     import anyio
 
-    from transports.client import connect_service
+    from transports.service import connect_service
 
     async def drive() -> dict[str, float]:
         async with connect_service(path, announce_timeout=60) as client:
@@ -331,7 +331,7 @@ def run(quick: bool) -> dict[str, float]:
     }
     print(f"raw socketpair echo: {raw:,.0f} round trips/s, p50 {figures['raw_echo_rtt_p50_us']:.1f} us")
     print(
-        f"asyncio client (transports.client) over unix: 1 VP {figures['client_1vp_per_s']:,.0f}/s, "
+        f"asyncio client (transports.service) over unix: 1 VP {figures['client_1vp_per_s']:,.0f}/s, "
         f"64 VPs {figures['client_64vp_per_s']:,.0f}/s"
     )
     for backend in backends:

@@ -25,6 +25,7 @@ from dispatcher import (
     BulkAccess,
     Engine,
     ExecutionState,
+    Guest,
     IoPortInterceptMessage,
     PortAccess,
     Registers,
@@ -178,7 +179,7 @@ def _pair(bulk: Callable[[], object], element: Callable[[], object], seconds: fl
 
 def _outsb(bulk: bool, memory: BufferMemory, image: bytes) -> Callable[[], None]:
     router, received = _console(bulk)
-    engine = Engine(router, memory=memory, deadline=None)
+    engine = Engine(router, guest=Guest(memory), deadline=None)
     frame = _intercept(CONSOLE, 1, True)
 
     def outsb() -> None:
@@ -193,7 +194,7 @@ def _outsb(bulk: bool, memory: BufferMemory, image: bytes) -> Callable[[], None]
 
 def _insw(bulk: bool, memory: BufferMemory, buffer: bytearray, image: bytes) -> Callable[[], None]:
     router, rewind = _disk(bulk, image)
-    engine = Engine(router, memory=memory, deadline=None)
+    engine = Engine(router, guest=Guest(memory), deadline=None)
     frame = _intercept(DISK, 2, False)
 
     def insw() -> None:

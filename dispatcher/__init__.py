@@ -1,14 +1,21 @@
 """intercept-dispatch: device models for I/O port intercepts.
 
-Write handlers with :func:`on_port` or :meth:`Router.on_port`, serve them with
+Write handlers with :func:`on_port` or :meth:`Router.claim`, serve them with
 a :class:`Dispatcher` over any :class:`Transport`, and test them with
-:mod:`dispatcher.testing`.
+:mod:`transports.testing`.
+
+Everything here is sans-I/O except :class:`Dispatcher`, the anyio layer,
+which is imported (with anyio) only when it is first used.
 """
 
-from .announce import ANNOUNCEMENT, PortRange, decode_announcement, encode_announcement
-from .completion import COMPLETION, PROTOCOL_VERSION, UNKNOWN_VP, Completion, Registers, Status, decode_completion
-from .engine import Engine, EngineStats, Job, Step
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .announce import PortRange, decode_announcement, encode_announcement
+from .engine import Engine
 from .errors import (
+    AccessRefused,
     DispatchError,
     FieldValueError,
     FrameError,
@@ -20,16 +27,32 @@ from .errors import (
     TransportError,
     UnknownMessageTypeError,
 )
-from .fields import AccessInfo, AccessType, ExecutionState, SegmentAttributes, SegmentRegister
+from .fields import Access, AccessInfo, AccessType, ExecutionState, SegmentAttributes, SegmentRegister
 from .guest import Guest, SegmentSource, Translate, identity_translation
 from .guest_memory import BufferMemory, GuestMemory, MemoryFault, MemoryRegion
 from .irq import NO_RECEIVER, IrqEvent, IrqLine, IrqReceiver, IrqRecorder
-from .loop import Dispatcher
-from .message import IO_PORT_INTERCEPT, IoPortInterceptMessage, decode_message
-from .router import Access, BulkAccess, BulkClaim, BulkHandler, Claim, Handler, PortAccess, Router, on_bulk, on_port
-from .string_decode import Segment, StringInstruction, decode_string_instruction
-from .string_io import DEFAULT_MAX_ELEMENTS, UnsupportedReason
+from .message import IoPortInterceptMessage, decode_message
+from .port_io import Job, Step
+from .router import BulkAccess, BulkClaim, BulkHandler, Claim, Handler, PortAccess, Router, on_bulk, on_port
+from .stats import EngineStats
+from .string_plan import DEFAULT_MAX_ELEMENTS, UnsupportedReason
 from .transport import Transport
+from .wire import (
+    ANNOUNCEMENT,
+    COMPLETION,
+    IO_PORT_INTERCEPT,
+    PROTOCOL_VERSION,
+    REGION,
+    UNKNOWN_VP,
+    Completion,
+    Registers,
+    Status,
+    decode_completion,
+)
+from .x86 import InstructionError, IoInstruction, Segment, decode_io_instruction, encode_io_instruction
+
+if TYPE_CHECKING:
+    from .loop import Dispatcher
 
 __all__ = [
     "ANNOUNCEMENT",
@@ -38,9 +61,11 @@ __all__ = [
     "IO_PORT_INTERCEPT",
     "NO_RECEIVER",
     "PROTOCOL_VERSION",
+    "REGION",
     "UNKNOWN_VP",
     "Access",
     "AccessInfo",
+    "AccessRefused",
     "AccessType",
     "BufferMemory",
     "BulkAccess",
@@ -59,6 +84,8 @@ __all__ = [
     "GuestMemory",
     "GuestMemoryError",
     "Handler",
+    "InstructionError",
+    "IoInstruction",
     "IoPortInterceptMessage",
     "IrqEvent",
     "IrqLine",
@@ -80,7 +107,6 @@ __all__ = [
     "ShortFrameError",
     "Status",
     "Step",
-    "StringInstruction",
     "Translate",
     "Transport",
     "TransportClosedError",
@@ -89,10 +115,20 @@ __all__ = [
     "UnsupportedReason",
     "decode_announcement",
     "decode_completion",
+    "decode_io_instruction",
     "decode_message",
-    "decode_string_instruction",
     "encode_announcement",
+    "encode_io_instruction",
     "identity_translation",
     "on_bulk",
     "on_port",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The anyio layer loads on first use, so the sans-I/O core imports without anyio.
+    if name == "Dispatcher":
+        from .loop import Dispatcher
+
+        return Dispatcher
+    raise AttributeError(f"module 'dispatcher' has no attribute {name!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "AccessRefused",
     "DispatchError",
     "FieldValueError",
     "FrameError",
@@ -72,3 +73,15 @@ class GuestMemoryError(DispatchError):
         super().__init__(f"guest-physical {address:#x}+{length:#x}: {reason}")
         self.address = address
         self.length = length
+
+
+class AccessRefused(DispatchError):
+    """An intercept no handler may run for: the VP gets ``status`` (a :class:`~dispatcher.Status`)
+    with ``detail``, and nothing moves. Raised by string I/O planning (instruction bytes that
+    contradict the frame, memory the guest cannot reach, a hook that is missing)."""
+
+    def __init__(self, reason: str, *, status: int, detail: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.detail = detail

@@ -11,6 +11,7 @@ import enum
 from typing import NamedTuple
 
 __all__ = [
+    "Access",
     "AccessInfo",
     "AccessType",
     "ExecutionState",
@@ -20,11 +21,19 @@ __all__ = [
 
 
 class AccessType(enum.IntEnum):
-    """InterceptAccessType: the direction of the intercepted access."""
+    """InterceptAccessType: the direction of one intercepted access, as the message encodes it."""
 
     READ = 0
     WRITE = 1
     EXECUTE = 2
+
+
+class Access(enum.IntFlag):
+    """The directions a claim or an announced port range covers."""
+
+    READ = 1
+    WRITE = 2
+    READ_WRITE = 3
 
 
 class ExecutionState(int):

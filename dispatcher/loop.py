@@ -9,17 +9,19 @@ from typing import cast
 import anyio
 import anyio.abc
 
-from .completion import Status
-from .engine import Engine, EngineStats, Job, call_step
+from .engine import Engine
 from .errors import TransportError
-from .guest_memory import GuestMemory
+from .guest import Guest
+from .port_io import Job, call_step
 from .router import Router
-from .string_io import DEFAULT_MAX_ELEMENTS, SegmentSource, Translate
+from .stats import EngineStats
+from .string_plan import DEFAULT_MAX_ELEMENTS
 from .transport import Transport
+from .wire import Status
 
 __all__ = ["Dispatcher"]
 
-log = logging.getLogger("dispatcher")
+log = logging.getLogger("intercept_dispatch.dispatcher")
 
 
 class Dispatcher:
@@ -29,9 +31,10 @@ class Dispatcher:
     ordering and failures never touch another connection. Statistics are
     shared across them.
 
-    String I/O uses the transport's ``guest_memory`` attribute when it has
-    one (guest memory shared over that connection), else ``memory``; the
-    other string I/O arguments are those of :class:`~dispatcher.engine.Engine`.
+    String I/O uses the transport's declared :attr:`~dispatcher.Transport.guest`
+    where it has one (guest memory shared over that connection), else
+    ``guest``; ``deadline`` and ``max_elements`` are those of
+    :class:`~dispatcher.Engine`.
     """
 
     def __init__(
@@ -39,19 +42,15 @@ class Dispatcher:
         router: Router,
         *,
         deadline: float | None = 5.0,
-        memory: GuestMemory | None = None,
+        guest: Guest | None = None,
         max_elements: int = DEFAULT_MAX_ELEMENTS,
-        translate: Translate | None = None,
-        segments: SegmentSource | None = None,
     ) -> None:
         if max_elements < 1:
             raise ValueError(f"max_elements must be at least 1, not {max_elements}")
         self.router = router
         self.deadline = deadline
-        self.memory = memory
+        self.guest = guest
         self.max_elements = max_elements
-        self.translate = translate
-        self.segments = segments
         self.stats = EngineStats()
         self._stopping = False
         self._reads: set[anyio.CancelScope] = set()
@@ -61,9 +60,10 @@ class Dispatcher:
         """Graceful stop: stop reading, finish in-flight intercepts, send their completions.
 
         Each :meth:`serve` call then returns once its completions are sent.
-        A transport with a ``stop_reading()`` method is asked to stop instead
-        of having its read cancelled: it still delivers the frames that had
-        arrived, then reports end of stream, and those are answered too.
+        A transport that declares :attr:`~dispatcher.Transport.stops_reading`
+        is asked to stop instead of having its read cancelled: it still
+        delivers the frames that had arrived, then reports end of stream, and
+        those are answered too.
         """
         self._stopping = True
         for scope in self._reads:
@@ -79,15 +79,12 @@ class Dispatcher:
         Closes the transport before returning. Signals readiness through
         ``task_status`` (use it with ``TaskGroup.start``).
         """
-        guest = transport.guest
         engine = Engine(
             self.router,
             deadline=self.deadline,
             stats=self.stats,
-            memory=guest.memory if guest is not None else self.memory,
+            guest=transport.guest or self.guest,
             max_elements=self.max_elements,
-            translate=self.translate,
-            segments=self.segments,
         )
         send_lock = anyio.Lock(fast_acquire=True)
 

@@ -14,117 +14,21 @@ them as zero.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
-from .errors import FieldValueError, ShortFrameError, UnknownMessageTypeError
 from .fields import AccessInfo, AccessType, ExecutionState, SegmentAttributes, SegmentRegister
+from .wire import (
+    HEADER_SIZE,
+    INTERCEPT,
+    INTERCEPT_SIZE,
+    IO_PORT_INTERCEPT,
+    IO_PORT_PAYLOAD_SIZE,
+    MAX_PAYLOAD,
+    check_header,
+    check_io_payload,
+)
 
-__all__ = [
-    "HEADER_SIZE",
-    "IO_PORT_INTERCEPT",
-    "IO_PORT_PAYLOAD_SIZE",
-    "MAX_PAYLOAD",
-    "SLOT_SIZE",
-    "IoPortInterceptMessage",
-    "check_header",
-    "decode_message",
-]
-
-IO_PORT_INTERCEPT = 0x8001_0000
-HEADER_SIZE = 16
-MAX_PAYLOAD = 240
-SLOT_SIZE = HEADER_SIZE + MAX_PAYLOAD
-IO_PORT_PAYLOAD_SIZE = 128
-_FRAME_SIZE = HEADER_SIZE + IO_PORT_PAYLOAD_SIZE
-
-HEADER = struct.Struct("<I4BQ")
-_SEGMENT = "QIHH"
-_BODY = struct.Struct("<I4BQ" "IBBH" + _SEGMENT + "QQ" "HBBI" "Q" "16s" + _SEGMENT + _SEGMENT + "QQQ")  # fmt: skip
-assert _BODY.size == _FRAME_SIZE
-
-# Every AccessInfo byte the codec accepts: a size of 1, 2 or 4 and no REP
-# without StringOp. Bits 5-7 are reserved and therefore ignored.
-VALID_ACCESS_INFO = tuple((b & 7) in (1, 2, 4) and not (b & 0x10 and not b & 0x08) for b in range(256))
-
-
-def check_header(data: bytes | bytearray | memoryview, message_type: int, known: frozenset[int]) -> int:
-    """Validate a frame's header and length; return its payload size.
-
-    Raises the codec's errors for a short frame, an unknown type or a
-    PayloadSize out of range. ``known`` maps no further: any message type in
-    it is accepted, and the I/O port intercept also needs 128 payload bytes.
-    """
-    n = len(data)
-    if n < HEADER_SIZE:
-        raise ShortFrameError(
-            f"frame is {n} bytes, a message header needs {HEADER_SIZE}",
-            field="message_header",
-            offset=n,
-            value=None,
-        )
-    _, b4, b5, b6, b7, _ = HEADER.unpack_from(data)
-    if message_type not in known:
-        raise UnknownMessageTypeError(
-            "not a message type this project reads", field="message_type", offset=0, value=message_type
-        )
-    payload_size, offset = b4, 4
-    if b4 == 0 and b5 == 0 and b6 == 0 and b7 != 0:
-        payload_size, offset = b7, 7  # the seed page's drawing
-    if payload_size > MAX_PAYLOAD:
-        raise FieldValueError(
-            f"more than the {MAX_PAYLOAD} payload bytes of a message slot",
-            field="payload_size",
-            offset=offset,
-            value=payload_size,
-        )
-    if message_type == IO_PORT_INTERCEPT and payload_size < IO_PORT_PAYLOAD_SIZE:
-        raise FieldValueError(
-            f"an I/O port intercept needs {IO_PORT_PAYLOAD_SIZE} payload bytes",
-            field="payload_size",
-            offset=offset,
-            value=payload_size,
-        )
-    end = HEADER_SIZE + payload_size
-    if n < end:
-        raise ShortFrameError(
-            f"frame is {n} bytes, its header promises {end}",
-            field="payload",
-            offset=n,
-            value=None,
-        )
-    if n > SLOT_SIZE:
-        raise FieldValueError(
-            f"frame is longer than a {SLOT_SIZE}-byte message slot",
-            field="frame_length",
-            offset=SLOT_SIZE,
-            value=n,
-        )
-    return int(payload_size)
-
-
-def check_io_payload(access_type: int, access_info: int, instruction_byte_count: int) -> None:
-    """Validate the I/O port fields that have forbidden values."""
-    if access_type > AccessType.WRITE:
-        raise FieldValueError(
-            "access type is neither read (0) nor write (1)", field="access_type", offset=21, value=access_type
-        )
-    if (access_info & 7) not in (1, 2, 4):
-        raise FieldValueError(
-            "access size is not 1, 2 or 4 bytes", field="access_info.access_size", offset=58, value=access_info & 7
-        )
-    if access_info & 0x10 and not access_info & 0x08:
-        raise FieldValueError(
-            "a REP prefix without StringOp", field="access_info.rep_prefix", offset=58, value=access_info
-        )
-    if instruction_byte_count > 16:
-        raise FieldValueError(
-            "more than 16 instruction bytes",
-            field="instruction_byte_count",
-            offset=59,
-            value=instruction_byte_count,
-        )
-
+__all__ = ["IoPortInterceptMessage", "decode_message"]
 
 _KNOWN = frozenset({IO_PORT_INTERCEPT})
 
@@ -189,7 +93,7 @@ class IoPortInterceptMessage:
     def to_bytes(self) -> bytes:
         """Encode in the ABI layout, padded to ``16 + payload_size`` bytes."""
         cs, ds, es = self.cs_segment, self.ds_segment, self.es_segment
-        body = _BODY.pack(
+        body = INTERCEPT.pack(
             self.message_type,
             self.payload_size,
             self.message_flags,
@@ -224,7 +128,7 @@ class IoPortInterceptMessage:
             self.rsi,
             self.rdi,
         )
-        return body + bytes(HEADER_SIZE + self.payload_size - _FRAME_SIZE)
+        return body + bytes(HEADER_SIZE + self.payload_size - INTERCEPT_SIZE)
 
 
 def decode_message(data: bytes | bytearray | memoryview) -> IoPortInterceptMessage:
@@ -234,10 +138,9 @@ def decode_message(data: bytes | bytearray | memoryview) -> IoPortInterceptMessa
     message slot. Raises a :class:`~dispatcher.errors.FrameError` subclass that
     names the field, its offset and the value.
     """
-    message_type = HEADER.unpack_from(data)[0] if len(data) >= HEADER_SIZE else 0
-    payload_size = check_header(data, message_type, _KNOWN)
+    payload_size = check_header(data, _KNOWN)
     (
-        _,
+        message_type,
         b4,
         flags,
         b6,
@@ -270,7 +173,7 @@ def decode_message(data: bytes | bytearray | memoryview) -> IoPortInterceptMessa
         rcx,
         rsi,
         rdi,
-    ) = _BODY.unpack_from(data)
+    ) = INTERCEPT.unpack_from(data)
     check_io_payload(access_type, access_info, byte_count)
     seed_layout = b4 == 0 and flags == 0 and b6 == 0
     return IoPortInterceptMessage(

@@ -13,7 +13,6 @@ installs a bulk handler for the port with :func:`on_bulk` or
 
 from __future__ import annotations
 
-import enum
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 from .announce import PortRange
 from .errors import OverlappingClaimError, RoutingError
+from .fields import Access
 
 __all__ = [
     "PORT_LIMIT",
@@ -40,14 +40,6 @@ __all__ = [
 # cover them so lookups need no bounds check. They are never claimable.
 PORT_LIMIT = 0x10000
 _TABLE_SIZE = PORT_LIMIT + 3
-
-
-class Access(enum.IntFlag):
-    """The directions a claim serves."""
-
-    READ = 1
-    WRITE = 2
-    READ_WRITE = 3
 
 
 class PortAccess(NamedTuple):
@@ -383,7 +375,7 @@ class Router:
             if ranges and ranges[-1].last == port - 1 and ranges[-1].access == access:
                 ranges[-1] = ranges[-1]._replace(last=port)
             else:
-                ranges.append(PortRange(port, port, access))
+                ranges.append(PortRange(port, port, Access(access)))
         return ranges
 
 

@@ -51,7 +51,7 @@ class Transport(abc.ABC):
     async def aclose(self) -> None:
         """Close both directions; closing twice is harmless."""
 
-    def stop_reading(self) -> None:
+    def stop_reading(self) -> None:  # noqa: B027 (a declared no-op default, not an abstract method)
         """Graceful stop: read no more. Where :attr:`stops_reading` is False this does nothing."""
 
     async def __aenter__(self) -> Transport:

@@ -27,9 +27,13 @@ __all__ = [
     "COMPLETION_PAYLOAD",
     "COMPLETION_SIZE",
     "COMPLETION_STRUCT",
+    "COUNTERS",
+    "ECHO",
     "HEADER",
     "HEADER_SIZE",
+    "IDS",
     "INTERCEPT",
+    "INTERCEPT_LEAN",
     "INTERCEPT_SIZE",
     "IO_PORT_INTERCEPT",
     "IO_PORT_PAYLOAD_SIZE",
@@ -37,7 +41,9 @@ __all__ = [
     "PROTOCOL_VERSION",
     "REGION",
     "REGION_STRUCT",
+    "SEGMENT",
     "SLOT_SIZE",
+    "STRING_FIELDS",
     "UNKNOWN_VP",
     "VALID_ACCESS_INFO",
     "Completion",
@@ -45,6 +51,7 @@ __all__ = [
     "Registers",
     "Status",
     "check_header",
+    "check_intercept",
     "check_io_payload",
     "decode_completion",
     "frame_ids",
@@ -129,6 +136,8 @@ COUNTERS: Final = struct.Struct("<QQQ")
 """RCX, RSI and RDI, at Offset.RCX."""
 IDS: Final = struct.Struct("<QI")
 """The source partition and VpIndex, at Offset.PARTITION."""
+ECHO: Final = struct.Struct("<Q8xHB5xQ")
+"""RIP, PortNumber, AccessInfo and RAX, at Offset.RIP: what a refused intercept's completion echoes."""
 assert INTERCEPT.size == INTERCEPT_SIZE and INTERCEPT_LEAN.size == Offset.RAX + 8
 
 COMPLETION_STRUCT: Final = struct.Struct("<I4BQ" "IBBH" "QQQQQ" "HBBI")  # fmt: skip
@@ -283,11 +292,16 @@ def check_header(data: bytes | bytearray | memoryview, known: frozenset[int]) ->
         )
     kind = HEADER.unpack_from(data)[0]
     if kind not in known:
-        raise UnknownMessageTypeError("not a message type this project reads", field="message_type", offset=0, value=kind)
+        raise UnknownMessageTypeError(
+            "not a message type this project reads", field="message_type", offset=0, value=kind
+        )
     size, offset = payload_size(data)
     if size > MAX_PAYLOAD:
         raise FieldValueError(
-            f"more than the {MAX_PAYLOAD} payload bytes of a message slot", field="payload_size", offset=offset, value=size
+            f"more than the {MAX_PAYLOAD} payload bytes of a message slot",
+            field="payload_size",
+            offset=offset,
+            value=size,
         )
     if kind == IO_PORT_INTERCEPT and size < IO_PORT_PAYLOAD_SIZE:
         raise FieldValueError(
@@ -324,7 +338,10 @@ def check_io_payload(access_type: int, access_info: int, instruction_byte_count:
         )
     if access_info & 0x10 and not access_info & 0x08:
         raise FieldValueError(
-            "a REP prefix without StringOp", field="access_info.rep_prefix", offset=Offset.ACCESS_INFO, value=access_info
+            "a REP prefix without StringOp",
+            field="access_info.rep_prefix",
+            offset=Offset.ACCESS_INFO,
+            value=access_info,
         )
     if instruction_byte_count > 16:
         raise FieldValueError(

@@ -29,6 +29,7 @@ __all__ = [
     "decode_io_instruction",
     "encode_io_instruction",
     "ip_mask",
+    "next_ip",
 ]
 
 MAX_INSTRUCTION_LENGTH: Final = 15
@@ -157,9 +158,7 @@ def decode_io_instruction(code: bytes, bits: int) -> IoInstruction:
     is_write, string, has_port = _OPCODES[byte]
     length = i + 1 + has_port
     if length > MAX_INSTRUCTION_LENGTH:
-        raise InstructionError(
-            f"longer than the {MAX_INSTRUCTION_LENGTH}-byte instruction limit", index=i, value=byte
-        )
+        raise InstructionError(f"longer than the {MAX_INSTRUCTION_LENGTH}-byte instruction limit", index=i, value=byte)
     if has_port and len(code) < length:
         raise InstructionError("the bytes end before the port number", index=len(code), value=None)
     # 66 and 67 flip 16 <-> 32 from the code size; 64-bit code has 32-bit
@@ -214,3 +213,8 @@ def encode_io_instruction(
     else:
         code.append((0xEE if write else 0xEC) | (size > 1))
     return bytes(code)
+
+
+def next_ip(ip: int, length: int, execution_state: int, cs_attributes: int) -> int:
+    """The instruction pointer past an instruction of ``length`` bytes, wrapped to the code size."""
+    return (ip + length) & _IP_MASKS[code_size(execution_state, cs_attributes)]

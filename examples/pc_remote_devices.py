@@ -2,7 +2,7 @@
 
 ::
 
-    PC_DISK=disk.img python -m dispatcher serve --socket /tmp/pc.sock --device examples.pc_remote_devices:pc_devices
+    PC_DISK=disk.img python -m examples serve --socket /tmp/pc.sock --device examples.pc_remote_devices:pc_devices
     python -m examples.pc --bios /usr/share/seabios/bios.bin --backend unix:/tmp/pc.sock
 
 Every port the guest touches is answered here. What a PC board has besides

@@ -1,4 +1,4 @@
-"""``python -m dispatcher serve`` as a child process, for the tests of every directory."""
+"""``python -m examples serve`` as a child process, for the tests of every directory."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ SERVICE_TESTS = Path(__file__).parent / "service"  # where the service tests' de
 
 
 def serve_command(*args: str, backend: str = "asyncio") -> list[str]:
-    return [sys.executable, "-m", "dispatcher", "serve", "--backend", backend, *args]
+    return [sys.executable, "-m", "examples", "serve", "--backend", backend, *args]
 
 
 class ServiceProcess:

@@ -235,8 +235,5 @@ def test_inline_fast_path_matches_the_general_path(accesses: list[tuple[int, int
 
     frames = [frame(p, s, write=w, rax=r, vp=v) for p, s, w, r, v in accesses]
     fast, _ = Engine(make_router()).receive(frames)
-    general_engine = Engine(make_router())
-    general: list[bytes] = []
-    for f in frames:
-        general_engine._process(f, general)
+    general, _ = Engine(make_router(), inline=False).receive(frames)
     assert fast == general

@@ -39,6 +39,6 @@ def test_the_device_class_example_in_readme_runs() -> None:
 
 
 def test_the_demo_passes() -> None:
-    result = subprocess.run([sys.executable, "-m", "dispatcher", "demo"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "examples", "demo"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Hello from the guest" in result.stdout and "demo passed" in result.stdout

@@ -22,7 +22,7 @@ import anyio.lowlevel
 from dispatcher import Transport, TransportClosedError, TransportError
 
 from .framing import FrameSplitter
-from .stats import LatencySamples
+from .latency import LatencySamples
 
 __all__ = ["READ_SIZE", "FdStreamTransport"]
 
@@ -60,7 +60,7 @@ class FdStreamTransport(Transport):
         self._stopping = False
         self._readable = False
         self.latency: LatencySamples | None = None
-        """Where to record latency samples (see :mod:`transports.stats`); None records nothing."""
+        """Where to record latency samples (see :mod:`transports.latency`); None records nothing."""
         self._started: dict[bytes, float] = {}
 
     # The system calls, which the socket transport replaces.

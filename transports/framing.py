@@ -9,7 +9,7 @@ nothing after it can be trusted, so the splitter stops there.
 from __future__ import annotations
 
 from dispatcher import FieldValueError, FrameError
-from dispatcher.message import HEADER_SIZE, MAX_PAYLOAD
+from dispatcher.wire import HEADER_SIZE, MAX_PAYLOAD, Offset, payload_size
 
 __all__ = ["FrameSplitter"]
 
@@ -43,16 +43,18 @@ class FrameSplitter:
             data = self._pending + data
         n = len(data)
         # The common case, one whole ABI frame per read, costs no copy.
-        if n >= HEADER_SIZE and n == HEADER_SIZE + data[4] and data[4] and data[4] <= MAX_PAYLOAD:
+        if (
+            n >= HEADER_SIZE
+            and n == HEADER_SIZE + data[Offset.PAYLOAD_SIZE]
+            and 0 < data[Offset.PAYLOAD_SIZE] <= MAX_PAYLOAD
+        ):
             self._pending = b""
             self.offset += n
             return [data]
         frames: list[bytes] = []
         pos = 0
         while n - pos >= HEADER_SIZE:
-            size, at = data[pos + 4], 4
-            if not size and not data[pos + 5] and not data[pos + 6]:
-                size, at = data[pos + 7], 7  # the seed page's header drawing, as check_header reads it
+            size, at = payload_size(data, pos)
             if size > MAX_PAYLOAD:
                 self.error = FieldValueError(
                     f"more than the {MAX_PAYLOAD} payload bytes of a message slot: "

@@ -26,24 +26,21 @@ import errno
 import logging
 import mmap
 import os
-import struct
 from collections.abc import Sequence
 from typing import NamedTuple
 
 from dispatcher import (
-    Guest,
-    COMPLETION,
-    PROTOCOL_VERSION,
+    REGION,
     UNKNOWN_VP,
     BufferMemory,
     FieldValueError,
     FrameError,
+    Guest,
     Registers,
     Status,
     Transport,
 )
-from dispatcher.completion import COMPLETION_SIZE, COMPLETION_STRUCT
-from dispatcher.message import HEADER_SIZE, check_header
+from dispatcher.wire import HEADER_SIZE, REGION_STRUCT, Offset, check_header, message_type, pack_completion
 
 from .unix import UnixTransport
 
@@ -62,20 +59,15 @@ __all__ = [
     "with_shared_memory",
 ]
 
-log = logging.getLogger("transports")
+log = logging.getLogger("intercept_dispatch.transports")
 
-REGION = 0x1D00_0003
-"""MessageType of a memory region frame (VMM to service)."""
 REGION_VERSION = 1
 MAX_REGIONS = 64
 """Regions one connection may map at once."""
 
 READ_ONLY, UNMAP = 0x01, 0x02
-_REGION = struct.Struct("<I4BQBBHIQQQ")
-_PAYLOAD = _REGION.size - HEADER_SIZE
-_TYPE = REGION.to_bytes(4, "little")
+_PAYLOAD = REGION_STRUCT.size - HEADER_SIZE
 _KNOWN = frozenset({REGION})
-_COMPLETION_PAYLOAD = COMPLETION_SIZE - HEADER_SIZE
 
 
 class RegionFrame(NamedTuple):
@@ -90,37 +82,47 @@ class RegionFrame(NamedTuple):
 
 def encode_region(guest_physical: int, size: int, *, fd_offset: int = 0, read_only: bool = False) -> bytes:
     """The frame that maps ``size`` bytes of the attached descriptor, from ``fd_offset``, at ``guest_physical``."""
-    return _REGION.pack(REGION, _PAYLOAD, 0, 0, 0, 0, REGION_VERSION, READ_ONLY if read_only else 0, 0, 0,
+    return REGION_STRUCT.pack(REGION, _PAYLOAD, 0, 0, 0, 0, REGION_VERSION, READ_ONLY if read_only else 0, 0, 0,
                         guest_physical, size, fd_offset)  # fmt: skip
 
 
 def encode_unmap(guest_physical: int) -> bytes:
     """The frame that removes the region starting at ``guest_physical`` (no descriptor attached)."""
-    return _REGION.pack(REGION, _PAYLOAD, 0, 0, 0, 0, REGION_VERSION, UNMAP, 0, 0, guest_physical, 0, 0)
+    return REGION_STRUCT.pack(REGION, _PAYLOAD, 0, 0, 0, 0, REGION_VERSION, UNMAP, 0, 0, guest_physical, 0, 0)
 
 
 def carries_descriptor(frame: bytes) -> bool:
     """Whether a region frame comes with a descriptor: every one without the UNMAP flag does."""
-    return len(frame) <= 17 or not frame[17] & UNMAP
+    return len(frame) <= Offset.REGION_FLAGS or not frame[Offset.REGION_FLAGS] & UNMAP
 
 
 def decode_region(frame: bytes) -> RegionFrame:
     """Parse a region frame; raise a ``FrameError`` naming the bad field and its offset."""
-    payload = check_header(frame, int.from_bytes(frame[:4], "little") if len(frame) >= 4 else 0, _KNOWN)
+    payload = check_header(frame, _KNOWN)
     if payload < _PAYLOAD:
-        raise FieldValueError(f"a region frame needs {_PAYLOAD} payload bytes", field="payload_size", offset=4,
-                              value=payload)  # fmt: skip
-    *_, version, flags, _, _, guest_physical, size, fd_offset = _REGION.unpack_from(frame)
+        raise FieldValueError(
+            f"a region frame needs {_PAYLOAD} payload bytes", field="payload_size", offset=Offset.PAYLOAD_SIZE,
+            value=payload,
+        )  # fmt: skip
+    *_, version, flags, _, _, guest_physical, size, fd_offset = REGION_STRUCT.unpack_from(frame)
     if version != REGION_VERSION:
-        raise FieldValueError(f"region frames are version {REGION_VERSION}", field="version", offset=16, value=version)
+        raise FieldValueError(
+            f"region frames are version {REGION_VERSION}", field="version", offset=Offset.REGION_VERSION, value=version
+        )
     if flags & ~(READ_ONLY | UNMAP):
-        raise FieldValueError("unknown region flags", field="flags", offset=17, value=flags)
+        raise FieldValueError("unknown region flags", field="flags", offset=Offset.REGION_FLAGS, value=flags)
     if not flags & UNMAP:
         if size == 0 or guest_physical + size > 1 << 64:
-            raise FieldValueError("the region is empty or passes 2**64", field="size", offset=32, value=size)
+            raise FieldValueError(
+                "the region is empty or passes 2**64", field="size", offset=Offset.REGION_SIZE, value=size
+            )
         if fd_offset % mmap.ALLOCATIONGRANULARITY:
-            raise FieldValueError(f"the descriptor offset is not a multiple of {mmap.ALLOCATIONGRANULARITY}",
-                                  field="fd_offset", offset=40, value=fd_offset)  # fmt: skip
+            raise FieldValueError(
+                f"the descriptor offset is not a multiple of {mmap.ALLOCATIONGRANULARITY}",
+                field="fd_offset",
+                offset=Offset.REGION_FD_OFFSET,
+                value=fd_offset,
+            )
     return RegionFrame(guest_physical, size, fd_offset, bool(flags & READ_ONLY), bool(flags & UNMAP))
 
 
@@ -142,12 +144,11 @@ async def unshare_region(transport: Transport, guest_physical: int) -> None:
 
 
 def _error(status: Status, detail: int) -> bytes:
-    return COMPLETION_STRUCT.pack(COMPLETION, _COMPLETION_PAYLOAD, 0, 0, 0, 0, UNKNOWN_VP, PROTOCOL_VERSION, status,
-                                  Registers.NONE, 0, 0, 0, 0, 0, 0, 0, 0, detail)  # fmt: skip
+    return pack_completion(0, UNKNOWN_VP, status, Registers.NONE, 0, 0, detail=detail)
 
 
 class SharedMemoryTransport(Transport):
-    """A UNIX connection whose region frames build the ``guest_memory`` string I/O uses.
+    """A UNIX connection whose region frames build the guest memory string I/O uses (its ``guest``).
 
     Everything else passes through unchanged. Closing it unmaps the regions.
     """
@@ -176,13 +177,13 @@ class SharedMemoryTransport(Transport):
             # the regions sent before it.
             replies = []
             start = 0
-            while start < len(frames) and frames[start][:4] == _TYPE:
+            while start < len(frames) and message_type(frames[start]) == REGION:
                 reply = self._apply(frames[start])
                 if reply is not None:
                     replies.append(reply)
                 start += 1
             end = start
-            while end < len(frames) and frames[end][:4] != _TYPE:
+            while end < len(frames) and message_type(frames[end]) != REGION:
                 end += 1
             self._pending = frames[end:]
             if replies:

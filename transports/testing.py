@@ -40,6 +40,7 @@ from dispatcher import (
     Dispatcher,
     DispatchError,
     ExecutionState,
+    Guest,
     GuestMemory,
     IoPortInterceptMessage,
     Registers,
@@ -51,6 +52,7 @@ from dispatcher import (
     Translate,
     Transport,
     decode_completion,
+    encode_io_instruction,
     identity_translation,
 )
 
@@ -81,8 +83,6 @@ _MODE_SEGMENTS = {
     CpuMode.PROTECTED: (0xFFFF_FFFF, 0x8, SegmentRegister(0, 0xFFFF_FFFF, 0x10, SegmentAttributes(0xC093)), 4, 32),
     CpuMode.LONG: (0xFFFF_FFFF, 0x8, SegmentRegister(0, 0xFFFF_FFFF, 0x10, SegmentAttributes(0xC093)), 4, 64),
 }
-_OVERRIDE_PREFIX = {Segment.ES: 0x26, Segment.CS: 0x2E, Segment.SS: 0x36, Segment.DS: 0x3E, Segment.FS: 0x64,
-                    Segment.GS: 0x65}  # fmt: skip
 _MASK64 = (1 << 64) - 1
 
 
@@ -130,14 +130,10 @@ class FakeVP:
         limit, selector, *_ = _MODE_SEGMENTS[self.mode]
         return SegmentRegister(0, limit, selector, self.cs_attributes)
 
-    def _instruction_length(self, port: int, size: int) -> int:
-        # IN/OUT with an imm8 port is two bytes, with DX one; an operand size
-        # other than the mode's default adds the 0x66 prefix.
-        length = 2 if port <= 0xFF else 1
-        default_operand = 2 if self.mode is CpuMode.REAL else 4
-        if size > 1 and size != default_operand:
-            length += 1
-        return length
+    @property
+    def code_bits(self) -> int:
+        """The code size of this VP's mode: 16, 32 or 64."""
+        return _MODE_SEGMENTS[self.mode][4]
 
     async def access(self, port: int, size: int, *, write: bool) -> Completion:
         """Execute one IN (``write=False``) or OUT of ``size`` bytes using the current RAX."""
@@ -148,7 +144,10 @@ class FakeVP:
             rax=self.rax,
             vp_index=self.index,
             source_partition=self.partition.partition_id,
-            instruction_length=self._instruction_length(port, size),
+            # An imm8 port where the port fits one (as compilers emit), else the DX form.
+            instruction_length=len(
+                encode_io_instruction(write=write, size=size, bits=self.code_bits, port=port if port <= 0xFF else None)
+            ),
             execution_state=self.execution_state,
             cs_segment=self.cs,
             rip=self.rip,
@@ -194,23 +193,18 @@ class FakeVP:
         the address-size prefix when ``address_size`` (16, 32 or 64 bits) is
         not, a segment override for ``segment``, and REP.
         """
-        if size not in (1, 2, 4):
-            raise ValueError(f"size must be 1, 2 or 4, not {size}")
-        *_, default_operand, default_address = _MODE_SEGMENTS[self.mode]
-        wanted = default_address if address_size is None else address_size
         allowed = (32, 64) if self.mode is CpuMode.LONG else (16, 32)
-        if wanted not in allowed:
+        if address_size is not None and address_size not in allowed:
             raise ValueError(f"a {self.mode.value}-mode VP has address sizes {allowed}, not {address_size}")
-        prefixes = bytearray()
-        if segment is not None:
-            prefixes.append(_OVERRIDE_PREFIX[segment])
-        if size > 1 and size != default_operand:
-            prefixes.append(0x66)
-        if wanted != default_address:
-            prefixes.append(0x67)
-        if rep:
-            prefixes.append(0xF3)
-        return bytes(prefixes) + bytes([(0x6E if write else 0x6C) | (size > 1)])
+        return encode_io_instruction(
+            write=write,
+            size=size,
+            bits=self.code_bits,
+            string=True,
+            rep=rep,
+            address_size=address_size,
+            override=segment,
+        )
 
     async def string(
         self,
@@ -353,12 +347,12 @@ class FakePartition:
         self.mode = mode
         self.strict = strict
         if dispatcher is None:
-            dispatcher = Dispatcher(router, deadline=deadline, memory=memory, translate=translate,
-                                    max_elements=max_elements, segments=self._segment)  # fmt: skip
-        elif memory is not None and memory is not dispatcher.memory:
+            guest = None if memory is None else Guest(memory, translate, self._segment)
+            dispatcher = Dispatcher(router, deadline=deadline, guest=guest, max_elements=max_elements)
+        elif memory is not None and (dispatcher.guest is None or memory is not dispatcher.guest.memory):
             raise ValueError("give the guest memory to the Dispatcher you pass")
         self.dispatcher = dispatcher
-        self.memory = dispatcher.memory
+        self.memory = dispatcher.guest.memory if dispatcher.guest is not None else None
         self._vps: dict[int, FakeVP] = {}
         self._waiting: dict[int, tuple[anyio.Event, list[Completion]]] = {}
         self._transport: Transport | None = None

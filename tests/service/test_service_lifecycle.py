@@ -18,7 +18,7 @@ from service_helpers import HERE, SERVE_ARGS, intercept
 from service_process import ServiceProcess, serve_command
 
 from dispatcher import Status, TransportClosedError, decode_completion
-from transports.client import connect_service
+from transports.service import connect_service
 from transports.unix import connect_unix
 
 connect = functools.partial(connect_service, announce_timeout=60)

@@ -13,8 +13,8 @@ from service_helpers import HERE, SERVE_ARGS, intercept
 from service_process import serve_command
 
 from dispatcher import Status, decode_completion
-from transports.client import spawn_service
 from transports.pipe import PipeTransport
+from transports.service import spawn_service
 
 pytestmark = pytest.mark.anyio
 

@@ -25,7 +25,7 @@ from dispatcher import (
     decode_announcement,
     decode_completion,
 )
-from transports.client import ServiceClient, connect_service
+from transports.service import ServiceClient, connect_service
 from transports.unix import connect_unix
 
 pytestmark = pytest.mark.anyio
@@ -190,7 +190,7 @@ async def test_the_client_fails_waiters_when_the_connection_ends(socket_path: Pa
 
 def test_poke(socket_path: Path, tmp_path: Path) -> None:
     def poke(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "dispatcher", "poke", "--socket", str(socket_path), *args]
+        command = [sys.executable, "-m", "examples", "poke", "--socket", str(socket_path), *args]
         return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 
     assert poke("outb", "0x3FF", "0x5A").returncode == 0
@@ -209,7 +209,7 @@ def test_poke(socket_path: Path, tmp_path: Path) -> None:
         "",
     ]
     absent = subprocess.run(
-        [sys.executable, "-m", "dispatcher", "poke", "--socket", str(tmp_path / "none.sock"), "inb", "0x80"],
+        [sys.executable, "-m", "examples", "poke", "--socket", str(tmp_path / "none.sock"), "inb", "0x80"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -24,9 +24,9 @@ from dispatcher import (
     decode_completion,
     encode_announcement,
 )
-from transports.client import ServiceClient
 from transports.framing import FrameSplitter
 from transports.pipe import PipeTransport, open_fifos
+from transports.service import ServiceClient
 from transports.unix import UnixListener, UnixTransport, connect_unix
 
 # --- the splitter -------------------------------------------------------------------------------

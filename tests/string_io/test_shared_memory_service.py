@@ -1,4 +1,4 @@
-"""The memfd path end to end: ``python -m dispatcher serve`` in a subprocess, guest memory shared over its socket."""
+"""The memfd path end to end: ``python -m examples serve`` in a subprocess, guest memory shared over its socket."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from string_devices import BYTES, FIFO
 from string_driver import Vp, instruction
 
 from dispatcher import Registers, Status
-from transports.client import connect_service
+from transports.service import connect_service
 from transports.shared_memory import share_region
 from transports.unix import UnixTransport
 

@@ -8,22 +8,24 @@ from string_driver import Vp, instruction
 from dispatcher import (
     BufferMemory,
     Engine,
+    Guest,
     IoPortInterceptMessage,
     Registers,
     Router,
     Status,
+    Translate,
     decode_completion,
 )
 
 PORT = 0x1F0
 
 
-def engine_with_memory(router: Router | None = None, **kwargs: object) -> tuple[Engine, bytearray]:
+def engine_with_memory(router: Router | None = None, translate: Translate | None = None) -> tuple[Engine, bytearray]:
     buffer = bytearray(0x1_0000)
     if router is None:
         router = Router()
         router.add(lambda access: 0x42, PORT, 4)
-    return Engine(router, memory=BufferMemory([(0, buffer)]), deadline=None, **kwargs), buffer  # type: ignore[arg-type]
+    return Engine(router, guest=Guest(BufferMemory([(0, buffer)]), translate), deadline=None), buffer
 
 
 def frame(code: bytes, *, count: int | None = None, length: int | None = None) -> bytes:
@@ -95,7 +97,7 @@ def test_the_deadline_covers_a_whole_synchronous_chunk() -> None:
     router = Router()
     router.add(slow, PORT, 4)
     memory = BufferMemory([(0, bytearray(0x1000))])
-    engine = Engine(router, memory=memory, deadline=1.0, clock=lambda: now[0])
+    engine = Engine(router, guest=Guest(memory), deadline=1.0, clock=lambda: now[0])
     code = instruction("protected", outs=False, size=4, rep=True, address_size=32, segment=None)
     message = Vp("protected", rcx=4, rdi=0x100).message(PORT, code, outs=False, size=4, rep=True)
     out, _ = engine.receive([message.to_bytes()])
@@ -133,7 +135,7 @@ def test_a_bulk_chunk_past_the_deadline_reads_all_ones() -> None:
     router.add(lambda access: 0, PORT, 4)
     router.add_bulk(slow_chunk, PORT)
     memory = BufferMemory([(0, bytearray(0x1000))])
-    engine = Engine(router, memory=memory, deadline=1.0, clock=lambda: now[0])
+    engine = Engine(router, guest=Guest(memory), deadline=1.0, clock=lambda: now[0])
     code = instruction("protected", outs=False, size=4, rep=True, address_size=32, segment=None)
     message = Vp("protected", rcx=4, rdi=0x100).message(PORT, code, outs=False, size=4, rep=True)
     completion = decode_completion(engine.receive([message.to_bytes()])[0][0])

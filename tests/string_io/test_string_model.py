@@ -13,6 +13,7 @@ from dispatcher import (
     BufferMemory,
     BulkAccess,
     Engine,
+    Guest,
     PortAccess,
     Router,
     SegmentAttributes,
@@ -145,7 +146,7 @@ def test_string_instructions_match_the_reference_model(s: Scenario) -> None:
     buffer = initial_memory(s.fill)
     view = memoryview(buffer)
     memory = BufferMemory([(0, view[:0x2_0000]), (0x2_0000, view[0x2_0000:])])
-    engine = Engine(router, memory=memory, max_elements=s.max_elements, translate=identity_translation, deadline=None)
+    engine = Engine(router, guest=Guest(memory, identity_translation), max_elements=s.max_elements, deadline=None)
     vp = Vp(s.mode, rcx=s.rcx, rsi=s.index, rdi=s.index, rflags=0x2 | s.df << 10,
             cs=segment_register(s.mode, *s.segments["cs"], code=True),
             ds=segment_register(s.mode, *s.segments["ds"], code=False),

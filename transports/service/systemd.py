@@ -13,7 +13,7 @@ import socket
 
 __all__ = ["LISTEN_FDS_START", "listen_fds", "notify"]
 
-log = logging.getLogger("transports")
+log = logging.getLogger("intercept_dispatch.service")
 
 LISTEN_FDS_START = 3
 """The first descriptor systemd passes (SD_LISTEN_FDS_START)."""

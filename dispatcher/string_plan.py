@@ -23,25 +23,23 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Callable
 from typing import NamedTuple
 
-from .completion import COMPLETION, COMPLETION_SIZE, COMPLETION_STRUCT, PROTOCOL_VERSION, Registers, Status
-from .errors import FieldValueError
+from .errors import AccessRefused
 from .fields import SegmentRegister
-from .guest import SegmentSource, Translate
+from .guest import Guest, SegmentSource, Translate
 from .guest_memory import GuestMemory, MemoryFault
-from .message import HEADER_SIZE
-from .string_decode import Segment, decode_string_instruction
+from .wire import COUNTERS, ECHO, IDS, SEGMENT, STRING_FIELDS, Offset, Registers, Status, pack_completion
+from .x86 import InstructionError, Segment, code_size, decode_io_instruction, ip_mask
 
 __all__ = [
     "DEFAULT_MAX_ELEMENTS",
-    "Refusal",
     "StringPlan",
     "UnsupportedReason",
     "gather",
     "pack_elements",
     "plan_string",
+    "refusal_completion",
     "scatter",
     "unpack_elements",
 ]
@@ -58,33 +56,13 @@ class UnsupportedReason(enum.IntEnum):
     NEEDS_TRANSLATION = 3  # long mode (paging is on) and no translation hook
 
 
-# The intercept's fields from offset 8 (the segment registers skipped), a
-# segment register at 24 (CS), 88 (DS) or 104 (ES), and RCX, RSI, RDI at 120.
-_FIELDS = struct.Struct("<QIBBH14xHQQHBB4xQ16s32xQQQ")
-_SEGMENT = struct.Struct("<QIHH")
-_COUNTERS = struct.Struct("<QQQ")
-_IDS = struct.Struct("<QI")
-_ECHO = struct.Struct("<Q8xHB5xQ")
-_SEGMENT_OFFSETS = (104, 24, 0, 88, 0, 0)  # by segment number: ES, CS, DS are in the frame
+# By segment number: where the frame carries ES, CS and DS (the others it does not carry).
+_SEGMENT_OFFSETS = (Offset.ES, Offset.CS, 0, Offset.DS, 0, 0)
 _new = tuple.__new__
-_PAYLOAD = COMPLETION_SIZE - HEADER_SIZE
-_pack = COMPLETION_STRUCT.pack
 _MASK64 = (1 << 64) - 1
 _DF, _VM, _AC = 1 << 10, 1 << 17, 1 << 18
 # Registers flags as plain ints: combining IntFlag members costs microseconds.
 _RIP, _RCX, _RSI, _RDI = int(Registers.RIP), int(Registers.RCX), int(Registers.RSI), int(Registers.RDI)
-
-
-class Refusal(NamedTuple):
-    """A string intercept answered without running any handler: why, and the completion frame."""
-
-    status: Status
-    detail: int
-    reason: str
-    partition: int
-    vp_index: int
-    port: int
-    completion: bytes
 
 
 class StringPlan(NamedTuple):
@@ -116,9 +94,8 @@ class StringPlan(NamedTuple):
 
     def completion(self, status: Status = Status.COMPLETED, detail: int = 0) -> bytes:
         """The completion frame for this chunk, having moved all its elements."""
-        return _pack(COMPLETION, _PAYLOAD, 0, 0, 0, self.partition, self.vp_index, PROTOCOL_VERSION, status,
-                     self.registers, self.rip, self.rax, self.rcx, self.rsi, self.rdi, self.port, self.access_info,
-                     0, detail)  # fmt: skip
+        return pack_completion(self.partition, self.vp_index, status, self.registers, self.rip, self.rax, self.rcx,
+                               self.rsi, self.rdi, self.port, self.access_info, detail)  # fmt: skip
 
 
 def _reverse_elements(data: bytes, size: int) -> bytes:
@@ -199,7 +176,7 @@ class _Where(NamedTuple):
     limit_low: int
     limit_high: int
     align: int  # the element size when alignment is checked, else 0
-    fault: tuple[Status, int, str] | None  # an unusable or unknown segment, once the count is known not to be 0
+    fault: AccessRefused | None  # an unusable or unknown segment, raised once the count is known not to be 0
     cacheable: bool  # False when the segment came from the segments hook
 
 
@@ -209,45 +186,40 @@ _WHERE_CACHE: dict[bytes, _Where] = {}
 _WHERE_CACHE_SIZE = 512
 
 
-def plan_string(
-    frame: bytes,
-    memory: GuestMemory | None,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
-    translate: Translate | None = None,
-    segments: SegmentSource | None = None,
-) -> StringPlan | Refusal:
+def plan_string(frame: bytes, guest: Guest | None, max_elements: int = DEFAULT_MAX_ELEMENTS) -> StringPlan:
     """Plan one string-op intercept (a frame the engine has already validated).
 
-    Returns a :class:`Refusal` when no element can move: PROTOCOL_ERROR for
-    instruction bytes that contradict the frame (Detail: the offset),
-    UNSUPPORTED (Detail: :class:`UnsupportedReason`), MEMORY_ERROR when the
-    first element faults (Detail: :class:`~dispatcher.MemoryFault`).
+    Raises :class:`~dispatcher.AccessRefused` when no element can move:
+    PROTOCOL_ERROR for instruction bytes that contradict the frame (Detail:
+    the offset), UNSUPPORTED (Detail: :class:`UnsupportedReason`),
+    MEMORY_ERROR when the first element faults (Detail:
+    :class:`~dispatcher.MemoryFault`). Answer it with :func:`refusal_completion`.
     """
-    key = frame[8:120]
+    key = frame[Offset.PARTITION : Offset.RCX]
     where = _WHERE_CACHE.get(key)
     if where is None:
-        analysed = _analyse(frame, segments)
-        if isinstance(analysed, Refusal):
-            return analysed
-        where = analysed
+        where = _analyse(frame, guest.segments if guest is not None else None)
         if where.cacheable:
             if len(_WHERE_CACHE) >= _WHERE_CACHE_SIZE:
                 _WHERE_CACHE.clear()
             _WHERE_CACHE[key] = where
     (partition, vp, port, access_info, rip, next_rip, rax, is_write, size, address_size, rep, long_mode,
      paging_possible, reverse, base, linear_mask, limit_low, limit_high, align, fault, _) = where  # fmt: skip
-    if memory is None:
-        return _refuse(frame, Status.UNSUPPORTED, UnsupportedReason.NO_GUEST_MEMORY, "no guest memory here")
-    rcx, rsi, rdi = _COUNTERS.unpack_from(frame, 120)
+    if guest is None:
+        raise AccessRefused("no guest memory here", status=Status.UNSUPPORTED, detail=UnsupportedReason.NO_GUEST_MEMORY)
+    memory, translate = guest.memory, guest.translate
+    rcx, rsi, rdi = COUNTERS.unpack_from(frame, Offset.RCX)
     amask = (1 << address_size) - 1
     count = rcx & amask if rep else 1
     if count == 0:
         return _new(StringPlan, (memory, partition, vp, port, access_info, is_write, size, 0, False, [], _RIP,
                                  next_rip, rax, rcx, rsi, rdi))  # fmt: skip
     if long_mode and translate is None:
-        return _refuse(frame, Status.UNSUPPORTED, UnsupportedReason.NEEDS_TRANSLATION, "long mode needs a hook")
+        raise AccessRefused(
+            "long mode needs a translation hook", status=Status.UNSUPPORTED, detail=UnsupportedReason.NEEDS_TRANSLATION
+        )
     if fault is not None:
-        return _refuse(frame, *fault)
+        raise fault
     paged = translate if paging_possible else None
 
     index = rsi if is_write else rdi
@@ -255,7 +227,7 @@ def plan_string(
     n = count if count < max_elements else max_elements
     span = n * size
     low = first - span + size if reverse else first
-    runs: list[tuple[int, list[tuple[int, int]]]] | int = 0
+    runs: list[tuple[int, list[tuple[int, int]]]] = []
     # The common case at once: one stretch of offsets, inside the limits and
     # one backed range, no paging or alignment check.
     if paged is None and not align and limit_low <= low and low + span - size <= amask:
@@ -266,12 +238,11 @@ def plan_string(
     faulted = False
     if not runs:
         mapper = _Mapper(memory, not is_write, partition, vp, paged, base, linear_mask, limit_low, limit_high, align)
-        runs = mapper.runs(first, n, size, reverse, amask)
-        if isinstance(runs, int):
-            n, found = mapper.first_fault(first, n, size, reverse, amask)
-            runs = mapper.runs(first, n, size, reverse, amask) if n else found
-            if isinstance(runs, int):
-                return _refuse(frame, Status.MEMORY_ERROR, runs, f"{MemoryFault(runs).name} at offset {first:#x}")
+        try:
+            runs = mapper.runs(first, n, size, reverse, amask)
+        except AccessRefused:
+            n = mapper.elements_before_fault(first, n, size, reverse, amask)
+            runs = mapper.runs(first, n, size, reverse, amask)
             faulted = True  # not done: the re-executed instruction faults
     moved = (first - n * size if reverse else first + n * size) & amask
     index = (index & ~0xFFFF & _MASK64) | moved if address_size == 16 else moved
@@ -289,45 +260,55 @@ def plan_string(
                              rip, rax, rcx, rsi, rdi))  # fmt: skip
 
 
-def _analyse(frame: bytes, segments: SegmentSource | None) -> _Where | Refusal:
+def _analyse(frame: bytes, segments: SegmentSource | None) -> _Where:
     # Decode the instruction, check it against the frame, and find its segment.
     (partition, vp, length_cr8, access_type, state, cs_attributes, rip, rflags, port, access_info, byte_count, rax,
-     instruction, _, _, _) = _FIELDS.unpack_from(frame, 8)  # fmt: skip
-    code = 64 if state & 0x10 and cs_attributes & 0x2000 else 32 if cs_attributes & 0x4000 else 16
+     instruction, _, _, _) = STRING_FIELDS.unpack_from(frame, Offset.PARTITION)  # fmt: skip
+    bits = code_size(state, cs_attributes)
+    if byte_count == 0:
+        raise _protocol_error("a string I/O intercept needs its instruction bytes", Offset.INSTRUCTION_BYTE_COUNT)
     try:
-        _, length, is_write, size, address_size, segment, rep = decode_string_instruction(instruction, byte_count, code)
-    except FieldValueError as error:
-        return _refuse(frame, Status.PROTOCOL_ERROR, error.offset, str(error))
+        decoded = decode_io_instruction(instruction[:byte_count], bits)
+    except InstructionError as error:
+        raise _protocol_error(str(error), Offset.INSTRUCTION_BYTES + error.index) from None
+    _, length, is_write, string, rep, size, address_size, _, _ = decoded
+    if not string:
+        raise _protocol_error("not INS or OUTS", Offset.INSTRUCTION_BYTES + length - 1)
     if is_write != (access_type == 1):
-        return _refuse(frame, Status.PROTOCOL_ERROR, 21, "the access type contradicts the opcode")
+        raise _protocol_error("the access type contradicts the opcode", Offset.ACCESS_TYPE)
     if size != access_info & 7 or rep != bool(access_info & 0x10):
-        return _refuse(frame, Status.PROTOCOL_ERROR, 58, "the access info contradicts the instruction bytes")
+        raise _protocol_error("the access info contradicts the instruction bytes", Offset.ACCESS_INFO)
     if length != length_cr8 & 0xF:
-        return _refuse(frame, Status.PROTOCOL_ERROR, 20, f"the instruction length is not the {length} decoded")
-    next_rip = (rip + length) & (0xFFFF if code == 16 else 0xFFFF_FFFF if code == 32 else _MASK64)
-    fault: tuple[Status, int, str] | None = None
+        raise _protocol_error(f"the instruction length is not the {length} decoded", Offset.LENGTH_CR8)
+    next_rip = (rip + length) & ip_mask(bits)
+    segment = decoded.segment
+    fault: AccessRefused | None = None
     frame_offset = _SEGMENT_OFFSETS[segment]
-    cacheable = bool(frame_offset) or (code == 64 and segment == Segment.SS)
+    cacheable = bool(frame_offset) or (bits == 64 and segment == Segment.SS)
     if frame_offset:
-        base, limit, selector, attributes = _SEGMENT.unpack_from(frame, frame_offset)
+        base, limit, selector, attributes = SEGMENT.unpack_from(frame, frame_offset)
     elif cacheable:
         base = limit = selector = attributes = 0  # SS in 64-bit mode: flat, nothing about it matters
     else:
-        register = segments(partition, vp, Segment(segment)) if segments is not None else None
+        register = segments(partition, vp, segment) if segments is not None else None
         if register is None:
-            fault = (Status.UNSUPPORTED, UnsupportedReason.SEGMENT_NOT_CARRIED, f"{Segment(segment).name} is not known")
+            fault = AccessRefused(
+                f"{segment.name} is not known", status=Status.UNSUPPORTED, detail=UnsupportedReason.SEGMENT_NOT_CARRIED
+            )
             register = SegmentRegister()  # stands in until the fault is answered
         base, limit, selector, attributes = register
     v86 = state & 0x04 and rflags & _VM
     align = size if size > 1 and state & 0x08 and rflags & _AC and (v86 or state & 3 == 3) else 0
-    if code == 64:
+    if bits == 64:
         # No limit checks; CS/DS/ES/SS have base 0, FS/GS their own.
         base = base if segment >= Segment.FS else 0
         linear_mask, limit_low, limit_high = _MASK64, 0, 1 << 65
     else:
         base, linear_mask = base & 0xFFFF_FFFF, 0xFFFF_FFFF
         if fault is None and state & 0x04 and not v86 and _segment_unusable(segment, selector, attributes, is_write):
-            fault = (Status.MEMORY_ERROR, MemoryFault.SEGMENT, "the segment cannot be used (#GP)")
+            fault = AccessRefused(
+                "the segment cannot be used (#GP)", status=Status.MEMORY_ERROR, detail=MemoryFault.SEGMENT
+            )
         if attributes & 0x1C == 0x14:  # a data segment that expands down
             limit_low, limit_high = limit + 1, 0xFFFF_FFFF if attributes & 0x4000 else 0xFFFF
         else:
@@ -337,13 +318,21 @@ def _analyse(frame: bytes, segments: SegmentSource | None) -> _Where | Refusal:
                   limit_high, align, fault, cacheable)  # fmt: skip
 
 
-def _refuse(frame: bytes, status: Status, detail: int, reason: str) -> Refusal:
-    partition, vp = _IDS.unpack_from(frame, 8)
-    rip, port, access_info, rax = _ECHO.unpack_from(frame, 40)
-    rcx, rsi, rdi = _COUNTERS.unpack_from(frame, 120)
-    completion = _pack(COMPLETION, _PAYLOAD, 0, 0, 0, partition, vp, PROTOCOL_VERSION, status, 0, rip, rax, rcx, rsi,
-                       rdi, port, access_info, 0, detail)  # fmt: skip
-    return Refusal(status, detail, reason, partition, vp, port, completion)
+def _protocol_error(reason: str, offset: int) -> AccessRefused:
+    return AccessRefused(reason, status=Status.PROTOCOL_ERROR, detail=offset)
+
+
+def _memory_fault(fault: MemoryFault, offset: int) -> AccessRefused:
+    return AccessRefused(f"{fault.name} at offset {offset:#x}", status=Status.MEMORY_ERROR, detail=fault)
+
+
+def refusal_completion(frame: bytes, refused: AccessRefused) -> bytes:
+    """The completion of a refused string intercept: the registers as they were, nothing moved."""
+    partition, vp = IDS.unpack_from(frame, Offset.PARTITION)
+    rip, port, access_info, rax = ECHO.unpack_from(frame, Offset.RIP)
+    rcx, rsi, rdi = COUNTERS.unpack_from(frame, Offset.RCX)
+    return pack_completion(partition, vp, refused.status, Registers.NONE, rip, rax, rcx, rsi, rdi, port, access_info,
+                           refused.detail)  # fmt: skip
 
 
 def _segment_unusable(segment: int, selector: int, attributes: int, is_write: bool) -> bool:
@@ -371,14 +360,17 @@ class _Mapper:
         self.base, self.linear_mask, self.limit_low, self.limit_high, self.align = (base, linear_mask, limit_low,
                                                                                     limit_high, align)  # fmt: skip
 
-    def pieces(self, offset: int, length: int) -> list[tuple[int, int]] | int:
-        """The guest-physical pieces of bytes [offset, offset+length) of the segment, or the first MemoryFault."""
+    def pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The guest-physical pieces of bytes [offset, offset+length) of the segment.
+
+        Raises :class:`~dispatcher.AccessRefused` (MEMORY_ERROR) for the first fault.
+        """
         if offset < self.limit_low or offset + length - 1 > self.limit_high:
-            return MemoryFault.SEGMENT
+            raise _memory_fault(MemoryFault.SEGMENT, offset)
         linear_mask = self.linear_mask
         linear = (self.base + offset) & linear_mask
         if self.align and linear % self.align:
-            return MemoryFault.ALIGNMENT
+            raise _memory_fault(MemoryFault.ALIGNMENT, offset)
         pieces: list[tuple[int, int]] = []
         while length:
             n = min(length, linear_mask + 1 - linear)  # the linear address space wraps
@@ -390,7 +382,7 @@ class _Mapper:
                     step = min(stop - at, PAGE_SIZE - (at & (PAGE_SIZE - 1)))
                     physical = self.paged(self.partition, self.vp, at, self.write)
                     if physical is None:
-                        return MemoryFault.TRANSLATION
+                        raise _memory_fault(MemoryFault.TRANSLATION, offset)
                     if pieces and pieces[-1][0] + pieces[-1][1] == physical:
                         pieces[-1] = (pieces[-1][0], pieces[-1][1] + step)
                     else:
@@ -400,30 +392,31 @@ class _Mapper:
         for address, n in pieces:
             fault = self.memory.check(address, n, write=self.write)
             if fault:
-                return fault
+                raise _memory_fault(MemoryFault(fault), offset)
         return pieces
 
-    def runs(
-        self, first: int, n: int, size: int, reverse: bool, amask: int
-    ) -> list[tuple[int, list[tuple[int, int]]]] | int:
+    def runs(self, first: int, n: int, size: int, reverse: bool, amask: int) -> list[tuple[int, list[tuple[int, int]]]]:
         """Split n elements from offset ``first`` where the offset wraps, and map each stretch."""
         runs: list[tuple[int, list[tuple[int, int]]]] = []
         offset = first
         while n:
             k = min(n, offset // size + 1 if reverse else (amask - offset) // size + 1)
-            pieces = self.pieces(offset - (k - 1) * size if reverse else offset, k * size)
-            if isinstance(pieces, int):
-                return pieces
-            runs.append((k, pieces))
+            runs.append((k, self.pieces(offset - (k - 1) * size if reverse else offset, k * size)))
             offset = (offset - k * size if reverse else offset + k * size) & amask
             n -= k
         return runs
 
-    def first_fault(self, first: int, n: int, size: int, reverse: bool, amask: int) -> tuple[int, int]:
-        """The index of the first of n elements that faults, in execution order, and its MemoryFault."""
+    def elements_before_fault(self, first: int, n: int, size: int, reverse: bool, amask: int) -> int:
+        """How many of n elements, in execution order, come before the first that faults.
+
+        Raises the first element's fault if it is that one.
+        """
         step = -size if reverse else size
         for i in range(n):
-            fault = self.pieces((first + i * step) & amask, size)
-            if isinstance(fault, int):
-                return i, fault
-        return n, 0
+            try:
+                self.pieces((first + i * step) & amask, size)
+            except AccessRefused:
+                if not i:
+                    raise
+                return i
+        return n

@@ -1,4 +1,4 @@
-"""The device backend service: ``intercept-dispatch serve`` (also ``python -m dispatcher serve``).
+"""The device backend service: what ``intercept-dispatch serve`` runs.
 
 A process beside the VMM that owns the device models, as vhost-user and
 vfio-user daemons do. It loads devices, listens on a UNIX socket (or serves
@@ -12,149 +12,33 @@ a statistics line. docs/SERVICE.md is the operator's guide.
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import inspect
+import functools
 import logging
 import math
 import os
-import pwd
 import signal
 import sys
 import tomllib
-from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import anyio
 import anyio.abc
 
 from dispatcher import Dispatcher, DispatchError, PortRange, Router, TransportError, encode_announcement
 
+from ..fdstream import FdStreamTransport
+from ..latency import LatencySamples
+from ..pipe import stdio_transport
+from ..shared_memory import with_shared_memory
+from ..unix import UnixListener, UnixTransport, default_socket_path
 from . import systemd
-from .fdstream import FdStreamTransport
-from .pipe import stdio_transport
-from .shared_memory import with_shared_memory
-from .stats import LatencySamples, format_stats
-from .unix import DEFAULT_MODE, UnixListener, UnixTransport, default_socket_path
+from .config import ServiceConfig, argument_parser, config_from_arguments
+from .devices import load_devices
+from .stats import format_stats
 
-__all__ = ["Service", "ServiceConfig", "default_devices", "load_devices", "main", "run"]
+__all__ = ["Service", "main", "run"]
 
-log = logging.getLogger("dispatcher.service")
-
-
-def default_devices() -> Router:
-    """The embedded default device set, served when no ``--device`` is given.
-
-    The example PC of :func:`examples.pc_devices.build_pc` without a disk: the
-    PICs, PIT and port 0x61, RTC/CMOS, COM1, the i8042, port 0x92, PCI
-    configuration with an i440FX host bridge, POST codes, the debug console
-    and isa-debug-exit; every other port is unclaimed. What COM1 and the
-    debug console print is logged line by line.
-    """
-    from examples.pc_devices import build_pc
-
-    return build_pc(serial_sink=_LineLogger("COM1"), debug_sink=_LineLogger("debugcon")).router
-
-
-class _LineLogger:
-    """A UART sink that logs whole lines of output."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.line = bytearray()
-
-    def __call__(self, data: bytes) -> None:
-        for byte in data:
-            if byte == 0x0A:
-                log.info("%s: %s", self.name, self.line.decode(errors="replace").rstrip("\r"))
-                self.line.clear()
-            else:
-                self.line.append(byte)
-
-
-def load_devices(specs: Sequence[str]) -> Router:
-    """One router holding every device named by ``specs``.
-
-    A spec is ``module:attribute`` (the attribute may be dotted) or just
-    ``module``. It may name a :class:`~dispatcher.Router` (its claims are
-    copied), an object whose ``router`` attribute is one (a machine
-    composition), a device object or module with ``@on_port`` handlers, or a
-    class or function called without arguments to make any of these. Raises
-    ``ValueError`` naming the spec when it cannot be loaded, and
-    :class:`~dispatcher.OverlappingClaimError` when two devices claim a port.
-    """
-    router = Router()
-    for spec in specs:
-        target = _resolve(spec)
-        if inspect.isclass(target) or inspect.isfunction(target):
-            try:
-                target = target()
-            except Exception as error:
-                raise ValueError(f"device {spec!r}: calling it failed: {error!r}") from error
-        target = getattr(target, "router", target)  # e.g. a machine composition holding its router
-        if isinstance(target, Router):
-            router.include(target)
-        elif not router.include(target):
-            raise ValueError(f"device {spec!r} is neither a Router nor anything with @on_port handlers")
-    return router
-
-
-def _resolve(spec: str) -> Any:
-    module_name, _, attribute = spec.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"device {spec!r}: cannot import {module_name!r}: {error}") from error
-    for name in filter(None, attribute.split(".")):
-        try:
-            target = getattr(target, name)
-        except AttributeError:
-            raise ValueError(f"device {spec!r}: {module_name} has no attribute {attribute!r}") from None
-    return target
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceConfig:
-    """Everything ``serve`` can be told, from the command line or a TOML file."""
-
-    devices: tuple[str, ...] = ()
-    socket: str | None = None
-    stdio: bool = False
-    mode: int = DEFAULT_MODE
-    allow_uid: frozenset[int] | None = None
-    deadline: float | None = 5.0
-    stats_interval: float | None = None
-    grace: float = 5.0
-    log_level: str = "INFO"
-    backend: str = "asyncio"
-
-    @classmethod
-    def from_toml(cls, path: str) -> ServiceConfig:
-        """Read a config file; its keys are the long option names (``allow_uid``, ``stats_interval`` ...)."""
-        with open(path, "rb") as file:
-            data = tomllib.load(file)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        values: dict[str, Any] = dict(data)
-        if "devices" in values:
-            values["devices"] = tuple(values["devices"])
-        if "mode" in values and isinstance(values["mode"], str):
-            values["mode"] = int(values["mode"], 8)
-        if "allow_uid" in values:
-            values["allow_uid"] = frozenset(_uid(u) for u in values["allow_uid"])
-        return cls(**values)
-
-
-def _uid(value: int | str) -> int:
-    if isinstance(value, int) or value.isdigit():
-        return int(value)
-    try:
-        return pwd.getpwnam(value).pw_uid
-    except KeyError:
-        raise ValueError(f"no such user: {value!r}") from None
+log = logging.getLogger("intercept_dispatch.service")
 
 
 def _describe(ranges: Sequence[PortRange]) -> str:
@@ -349,94 +233,32 @@ async def run(config: ServiceConfig, router: Router) -> int:
     return 1 if service.forced else 0
 
 
-def _octal(text: str) -> int:
-    return int(text, 8)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="intercept-dispatch serve",
-        description="Serve device models to VMMs over a UNIX socket (or stdin/stdout).",
-    )
-    parser.add_argument(
-        "--device",
-        action="append",
-        dest="devices",
-        metavar="MODULE:ATTR",
-        help="a Router, a device object or a factory of either; repeatable (default: the bundled example devices)",
-    )
-    parser.add_argument("--config", metavar="FILE", help="a TOML file of these settings (options given here win)")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--socket", metavar="PATH", help=f"UNIX socket to listen on (default {default_socket_path()})")
-    where.add_argument(
-        "--stdio",
-        action="store_true",
-        default=None,
-        help="serve one VMM on stdin/stdout instead (for a VMM that spawns the service)",
-    )
-    parser.add_argument("--mode", type=_octal, metavar="OCTAL", help="permissions of the socket file (default 0600)")
-    parser.add_argument(
-        "--allow-uid",
-        action="append",
-        dest="allow_uid",
-        metavar="UID",
-        help="accept connections only from this user id or name (SO_PEERCRED); repeatable",
-    )
-    parser.add_argument(
-        "--deadline", type=float, metavar="SECONDS", help="longest a handler may take; 0 for no limit (default 5)"
-    )
-    parser.add_argument("--stats-interval", type=float, metavar="SECONDS", help="log statistics this often")
-    parser.add_argument(
-        "--grace", type=float, metavar="SECONDS", help="how long a stop waits for in-flight intercepts (default 5)"
-    )
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
-    parser.add_argument("--backend", choices=["asyncio", "uvloop", "trio"], help="event loop (default asyncio)")
-    return parser
-
-
-def _config(args: argparse.Namespace) -> ServiceConfig:
-    config = ServiceConfig.from_toml(args.config) if args.config else ServiceConfig()
-    given: dict[str, Any] = {
-        name: getattr(args, name)
-        for name in (
-            "devices",
-            "socket",
-            "stdio",
-            "mode",
-            "deadline",
-            "stats_interval",
-            "grace",
-            "log_level",
-            "backend",
-        )
-        if getattr(args, name) is not None
-    }
-    if "devices" in given:
-        given["devices"] = tuple(given["devices"])
-    if args.allow_uid is not None:
-        given["allow_uid"] = frozenset(_uid(u) for part in args.allow_uid for u in part.split(","))
-    if given.get("socket"):
-        given["stdio"] = False
-    config = replace(config, **given)
-    if config.deadline is not None and config.deadline <= 0:
-        config = replace(config, deadline=None)
-    return config
-
-
 def _run(config: ServiceConfig, router: Router) -> int:
     if config.backend == "uvloop":
         return anyio.run(run, config, router, backend="asyncio", backend_options={"use_uvloop": True})
     return anyio.run(run, config, router, backend=config.backend)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The ``serve`` command; returns the exit status."""
-    parser = _parser()
+def main(argv: Sequence[str] | None = None, *, default_devices: Callable[[], Router] | None = None) -> int:
+    """The ``serve`` command; returns the exit status.
+
+    ``default_devices`` makes the router served when neither ``--device``
+    nor the config file names a device; without it, one of them must.
+    """
+    parser = argument_parser(has_default_devices=default_devices is not None)
     args = parser.parse_args(argv)
     try:
-        config = _config(args)
+        config = config_from_arguments(args)
     except (OSError, ValueError, tomllib.TOMLDecodeError) as error:
         parser.error(str(error))
+    make_router: Callable[[], Router]
+    if config.devices:
+        make_router = functools.partial(load_devices, config.devices)
+    elif default_devices is not None:
+        make_router = default_devices
+    else:
+        print(f"{parser.prog}: error: no devices to serve; name them with --device MODULE:ATTR", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=config.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -444,8 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        router = load_devices(config.devices) if config.devices else default_devices()
-        return _run(config, router)
+        return _run(config, make_router())
     except (DispatchError, OSError, ValueError, ImportError) as error:
         log.error("%s", error)
         return 1

@@ -22,8 +22,8 @@ import anyio
 
 from dispatcher import Completion, DispatchError, PortRange, Status
 
+from ..unix import UnixTransport, connect_unix, default_socket_path
 from .client import ServiceClient, io_intercept
-from .unix import UnixTransport, connect_unix, default_socket_path
 
 __all__ = ["main"]
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -28,7 +27,6 @@ import anyio.lowlevel
 from dispatcher import (
     ANNOUNCEMENT,
     COMPLETION,
-    UNKNOWN_VP,
     AccessInfo,
     AccessType,
     Completion,
@@ -41,13 +39,14 @@ from dispatcher import (
     decode_announcement,
     decode_completion,
 )
+from dispatcher.wire import frame_ids, message_type
 
-from .pipe import PipeTransport
-from .unix import connect_unix
+from ..pipe import PipeTransport
+from ..unix import connect_unix
 
 __all__ = ["ServiceClient", "connect_service", "io_intercept", "spawn_service"]
 
-log = logging.getLogger("transports")
+log = logging.getLogger("intercept_dispatch.service")
 
 
 def io_intercept(
@@ -63,17 +62,6 @@ def io_intercept(
         source_partition=partition,
         rip=rip,
     ).to_bytes()
-
-
-_KEY = struct.Struct("<QI")
-
-
-def _vp_key(frame: bytes) -> tuple[int, int]:
-    # Where the service finds the VP of a frame, including one it rejects.
-    if len(frame) >= 20:
-        key: tuple[int, int] = _KEY.unpack_from(frame, 8)
-        return key
-    return int.from_bytes(frame[8:16], "little") if len(frame) >= 16 else 0, UNKNOWN_VP
 
 
 class _Waiter:
@@ -128,7 +116,7 @@ class ServiceClient:
         """
         if self._error is not None:
             raise self._error
-        key = _vp_key(frame)
+        key = frame_ids(frame)  # where the service finds the VP, even of a frame it rejects
         if key in self._waiting:
             raise RuntimeError(f"partition {key[0]}, VP {key[1]:#x} already has an intercept in flight")
         # Once registered, the frame is sent even if this call is cancelled,
@@ -142,7 +130,7 @@ class ServiceClient:
         """Send intercepts for several VPs in one write; return their completions in the same order."""
         if self._error is not None:
             raise self._error
-        keys = [_vp_key(frame) for frame in frames]
+        keys = [frame_ids(frame) for frame in frames]
         if len(set(keys)) != len(keys) or any(key in self._waiting for key in keys):
             raise RuntimeError(f"a VP among partition/VP {keys} already has an intercept in flight")
         waiters = [_Waiter() for _ in frames]
@@ -185,8 +173,8 @@ class ServiceClient:
         self._fail_all(error)
 
     def _deliver(self, frame: bytes) -> None:
-        message_type = int.from_bytes(frame[:4], "little")
-        if message_type == COMPLETION:
+        kind = message_type(frame)
+        if kind == COMPLETION:
             completion = decode_completion(frame)
             waiter = self._waiting.pop((completion.source_partition, completion.vp_index), None)
             if waiter is None:
@@ -198,14 +186,14 @@ class ServiceClient:
                 return
             waiter.completion = completion
             waiter.event.set()
-        elif message_type == ANNOUNCEMENT:
+        elif kind == ANNOUNCEMENT:
             ranges, final = decode_announcement(frame)
             self._announcing.extend(ranges)
             if final:
                 self.ports, self._announcing = self._announcing, []
                 self._announced.set()
         else:
-            raise TransportError(f"the service sent a frame of type {message_type:#x}, which clients do not read")
+            raise TransportError(f"the service sent a frame of type {kind:#x}, which clients do not read")
 
     def _fail_all(self, error: DispatchError) -> None:
         if self._error is None:
