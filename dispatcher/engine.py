@@ -30,14 +30,16 @@ from .wire import (
     INTERCEPT_SIZE,
     IO_PORT_INTERCEPT,
     IO_PORT_PAYLOAD_SIZE,
+    PROTOCOL_VERSION,
     SLOT_SIZE,
     VALID_ACCESS_INFO,
     Status,
     check_intercept,
     frame_ids,
     pack_completion,
+    pack_completion_body,
 )
-from .x86 import next_ip
+from .x86 import IP_MASK_BY_MODE, next_ip
 
 __all__ = ["Engine"]
 
@@ -116,15 +118,16 @@ class Engine:
         last = clock()
         # Module globals as locals: this loop is the hot path.
         # tuple.__new__ skips the NamedTuple's Python-level __new__, a third of its cost.
-        unpack, pack, port_access, new_tuple, ip_after = (
+        unpack, pack, port_access, new_tuple, ip_masks = (
             INTERCEPT_LEAN.unpack_from,
-            pack_completion,
+            pack_completion_body,
             PortAccess,
             tuple.__new__,
-            next_ip,
+            IP_MASK_BY_MODE,
         )
         io_type, min_payload, frame_min, slot = IO_PORT_INTERCEPT, IO_PORT_PAYLOAD_SIZE, INTERCEPT_SIZE, SLOT_SIZE
         simple_access, mask, keep, rip_only, rip_rax = _SIMPLE_ACCESS, MASK, KEEP, RIP_ONLY, RIP_RAX
+        version = PROTOCOL_VERSION
         for frame in frames:
             # The one inline path: a well-formed, non-string access wholly
             # inside one synchronous claim, for a VP with nothing queued. At
@@ -155,7 +158,8 @@ class Engine:
                 last = clock()
                 continue
             counts[port] += 1
-            next_rip = ip_after(rip, length_cr8 & 0xF, state, cs_attributes)
+            # x86.mode_index, inline: the bits that choose the code size.
+            next_rip = (rip + (length_cr8 & 0xF)) & ip_masks[state & 0x10 | cs_attributes >> 13 & 3]
             is_write = access_type == 1
             access = new_tuple(
                 port_access,
@@ -176,10 +180,10 @@ class Engine:
                 append(self._port_io.fail(partition, vp, port, access_info, is_write, rax, next_rip,
                                           Status.DEADLINE_EXCEEDED, None, [Step(claim, access, 0)]))  # fmt: skip
             elif is_write:
-                append(pack(partition, vp, 0, rip_only, next_rip, rax, 0, 0, 0, port, access_info))
+                append(pack(partition, vp, version, 0, rip_only, next_rip, rax, 0, 0, 0, port, access_info, 0, 0))
             elif type(result) is int:
                 rax = (rax & keep[size]) | (result & mask[size])
-                append(pack(partition, vp, 0, rip_rax, next_rip, rax, 0, 0, 0, port, access_info))
+                append(pack(partition, vp, version, 0, rip_rax, next_rip, rax, 0, 0, 0, port, access_info, 0, 0))
             else:
                 append(self._port_io.complete(partition, vp, port, access_info, is_write, rax, next_rip,
                                               [Step(claim, access, 0)], [result]))  # fmt: skip

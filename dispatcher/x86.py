@@ -21,6 +21,7 @@ from typing import Final, NamedTuple
 from .errors import DispatchError
 
 __all__ = [
+    "IP_MASK_BY_MODE",
     "MAX_INSTRUCTION_LENGTH",
     "InstructionError",
     "IoInstruction",
@@ -29,6 +30,7 @@ __all__ = [
     "decode_io_instruction",
     "encode_io_instruction",
     "ip_mask",
+    "mode_index",
     "next_ip",
 ]
 
@@ -215,6 +217,15 @@ def encode_io_instruction(
     return bytes(code)
 
 
+def mode_index(execution_state: int, cs_attributes: int) -> int:
+    """The bits the code size depends on (EFER.LMA, CS.L, CS.D) as one small index into :data:`IP_MASK_BY_MODE`."""
+    return execution_state & 0x10 | cs_attributes >> 13 & 3
+
+
+IP_MASK_BY_MODE: Final = tuple(ip_mask(code_size(i & 0x10, (i & 3) << 13)) for i in range(0x14))
+"""The IP mask by :func:`mode_index`: a hot path computes the index inline and skips two calls."""
+
+
 def next_ip(ip: int, length: int, execution_state: int, cs_attributes: int) -> int:
     """The instruction pointer past an instruction of ``length`` bytes, wrapped to the code size."""
-    return (ip + length) & _IP_MASKS[code_size(execution_state, cs_attributes)]
+    return (ip + length) & IP_MASK_BY_MODE[mode_index(execution_state, cs_attributes)]
