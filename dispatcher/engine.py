@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 
 from .errors import FrameError
 from .guest import Guest
-from .port_io import KEEP, MASK, RIP_ONLY, RIP_RAX, Job, PortIo, Step, call_step
+from .port_io import KEEP, MASK, RIP_ONLY, RIP_RAX, Intercepted, Job, PortIo, Step, call_step
 from .router import PortAccess, Router
 from .stats import EngineStats
 from .string_exec import StringIo
@@ -168,8 +168,8 @@ class Engine:
             try:
                 result = claim.handler(access)
             except Exception as error:
-                append(self._port_io.fail(partition, vp, port, access_info, is_write, rax, next_rip,
-                                          Status.HANDLER_FAILED, error, [Step(claim, access, 0)]))  # fmt: skip
+                intercepted = Intercepted(partition, vp, port, access_info, is_write, rax, next_rip)
+                append(self._port_io.fail(intercepted, Status.HANDLER_FAILED, error, [Step(claim, access, 0)]))
                 last = clock()
                 continue
             # One clock read per frame: the time since the previous one is this
@@ -177,16 +177,16 @@ class Engine:
             now = clock()
             elapsed, last = now - last, now
             if deadline is not None and elapsed > deadline:
-                append(self._port_io.fail(partition, vp, port, access_info, is_write, rax, next_rip,
-                                          Status.DEADLINE_EXCEEDED, None, [Step(claim, access, 0)]))  # fmt: skip
+                intercepted = Intercepted(partition, vp, port, access_info, is_write, rax, next_rip)
+                append(self._port_io.fail(intercepted, Status.DEADLINE_EXCEEDED, None, [Step(claim, access, 0)]))
             elif is_write:
                 append(pack(partition, vp, version, 0, rip_only, next_rip, rax, 0, 0, 0, port, access_info, 0, 0))
             elif type(result) is int:
                 rax = (rax & keep[size]) | (result & mask[size])
                 append(pack(partition, vp, version, 0, rip_rax, next_rip, rax, 0, 0, 0, port, access_info, 0, 0))
             else:
-                append(self._port_io.complete(partition, vp, port, access_info, is_write, rax, next_rip,
-                                              [Step(claim, access, 0)], [result]))  # fmt: skip
+                intercepted = Intercepted(partition, vp, port, access_info, is_write, rax, next_rip)
+                append(self._port_io.complete(intercepted, [Step(claim, access, 0)], [result]))
         return out, jobs
 
     def finish(
@@ -202,14 +202,12 @@ class Engine:
         unclaimed steps) when ``status`` is COMPLETED.
         """
         out: list[bytes] = []
-        if job.string is not None:
-            out.append(self._string_io.finish(job.string, self._string_io.template(job), results or [], status, error))
+        if job.intercepted is None:
+            out.append(self._string_io.finish(job, results or [], status, error))
         elif status is Status.COMPLETED and results is not None:
-            out.append(self._port_io.complete(job.partition, job.vp_index, job.port, job.access_info, job.is_write,
-                                              job.rax, job.next_rip, job.steps, results))  # fmt: skip
+            out.append(self._port_io.complete(job.intercepted, job.steps, results))
         else:
-            out.append(self._port_io.fail(job.partition, job.vp_index, job.port, job.access_info, job.is_write,
-                                          job.rax, job.next_rip, status, error, job.steps))  # fmt: skip
+            out.append(self._port_io.fail(job.intercepted, status, error, job.steps))
         queue = self._waiting[job.key]
         while queue:
             next_job = self._process(queue.popleft(), out, queued=True)
@@ -252,22 +250,21 @@ class Engine:
         is_write = access_type == 1
         port_io = self._port_io
         steps = port_io.steps(port, size, is_write, rax, vp, partition)
+        intercepted = Intercepted(partition, vp, port, access_info, is_write, rax, next_rip)
         if any(step.claim is not None and step.claim.is_async for step in steps):
-            return Job(key, steps, partition, vp, port, access_info, is_write, rax, next_rip)
+            return Job(key, steps, intercepted)
         results: list[object] = []
         started = self._clock()
         try:
             for step in steps:
                 results.append(call_step(step))
         except Exception as error:
-            out.append(port_io.fail(partition, vp, port, access_info, is_write, rax, next_rip, Status.HANDLER_FAILED,
-                                    error, steps))  # fmt: skip
+            out.append(port_io.fail(intercepted, Status.HANDLER_FAILED, error, steps))
             return None
         if self.deadline is not None and self._clock() - started > self.deadline:
-            out.append(port_io.fail(partition, vp, port, access_info, is_write, rax, next_rip,
-                                    Status.DEADLINE_EXCEEDED, None, steps))  # fmt: skip
+            out.append(port_io.fail(intercepted, Status.DEADLINE_EXCEEDED, None, steps))
             return None
-        out.append(port_io.complete(partition, vp, port, access_info, is_write, rax, next_rip, steps, results))
+        out.append(port_io.complete(intercepted, steps, results))
         return None
 
     def _reject(self, frame: bytes, error: FrameError, out: list[bytes]) -> None:

@@ -20,7 +20,7 @@ from .stats import EngineStats
 from .string_plan import StringPlan
 from .wire import Registers, Status, pack_completion
 
-__all__ = ["KEEP", "MASK", "Job", "PortIo", "Step", "call_step"]
+__all__ = ["KEEP", "MASK", "Intercepted", "Job", "PortIo", "Step", "call_step"]
 
 log = logging.getLogger("intercept_dispatch.engine")
 
@@ -50,15 +50,9 @@ def call_step(step: Step) -> object:
     return None if claim is None else cast("Callable[[object], object]", claim.handler)(step.access)
 
 
-@dataclass(slots=True, eq=False)
-class Job:
-    """An intercept whose handlers must be awaited. ``steps`` run in order.
+class Intercepted(NamedTuple):
+    """What a port I/O completion echoes or derives from its intercept."""
 
-    For string I/O, ``string`` is the chunk's plan.
-    """
-
-    key: int
-    steps: list[Step]
     partition: int
     vp_index: int
     port: int
@@ -66,6 +60,18 @@ class Job:
     is_write: bool
     rax: int
     next_rip: int
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """An intercept whose handlers must be awaited. ``steps`` run in order.
+
+    For string I/O, ``string`` is the chunk's plan (and ``intercepted`` None).
+    """
+
+    key: int
+    steps: list[Step]
+    intercepted: Intercepted | None
     string: StringPlan | None = None
 
 
@@ -101,20 +107,10 @@ class PortIo:
             for i, c in enumerate(claims)
         ]
 
-    def complete(
-        self,
-        partition: int,
-        vp: int,
-        port: int,
-        access_info: int,
-        is_write: bool,
-        rax: int,
-        next_rip: int,
-        steps: list[Step],
-        results: list[object],
-    ) -> bytes:
+    def complete(self, intercepted: Intercepted, steps: list[Step], results: list[object]) -> bytes:
         """The completion of an access whose steps returned ``results``."""
         stats = self.stats
+        partition, vp, port, access_info, is_write, rax, next_rip = intercepted
         if is_write:
             stats.unclaimed_writes += sum(step.claim is None for step in steps)
             return pack_completion(partition, vp, Status.COMPLETED, RIP_ONLY, next_rip, rax, 0, 0, 0, port, access_info)
@@ -128,28 +124,15 @@ class PortIo:
                 value |= (result & mask) << step.shift
             else:
                 error = TypeError(f"a read handler returned {result!r}, not an int")
-                return self.fail(
-                    partition, vp, port, access_info, is_write, rax, next_rip, Status.HANDLER_FAILED, error, steps
-                )
+                return self.fail(intercepted, Status.HANDLER_FAILED, error, steps)
         rax = (rax & KEEP[access_info & 7]) | value
         return pack_completion(partition, vp, Status.COMPLETED, RIP_RAX, next_rip, rax, 0, 0, 0, port, access_info)
 
-    def fail(
-        self,
-        partition: int,
-        vp: int,
-        port: int,
-        access_info: int,
-        is_write: bool,
-        rax: int,
-        next_rip: int,
-        status: Status,
-        error: BaseException | None,
-        steps: list[Step],
-    ) -> bytes:
+    def fail(self, intercepted: Intercepted, status: Status, error: BaseException | None, steps: list[Step]) -> bytes:
         """The completion of an access whose handler failed or ran past its deadline."""
         # The instruction still completes, as on hardware with a dead device:
         # a read gets all ones, a write is dropped.
+        partition, vp, port, access_info, is_write, rax, next_rip = intercepted
         self.note_failure(partition, vp, port, access_info, is_write, status, error, steps)
         if is_write:
             return pack_completion(partition, vp, status, RIP_ONLY, next_rip, rax, 0, 0, 0, port, access_info)

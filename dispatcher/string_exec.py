@@ -52,11 +52,13 @@ class StringIo:
         self.deadline = deadline
         self.clock = clock
 
-    def template(self, job: Job) -> list[Step]:
-        """One element's steps of a string job (or its one bulk step)."""
-        assert job.string is not None
+    def finish(self, job: Job, results: list[object], status: Status, error: BaseException | None) -> bytes:
+        """The completion of a string job whose handlers returned ``results`` (or failed with ``status``)."""
+        plan = job.string
+        assert plan is not None
         steps = job.steps  # one element's steps repeated, or one bulk step
-        return steps if isinstance(steps[0].claim, BulkClaim) else steps[: len(steps) // job.string.elements]
+        template = steps if isinstance(steps[0].claim, BulkClaim) else steps[: len(steps) // plan.elements]
+        return self._complete(plan, template, results, status, error)
 
     def start(self, frame: bytes, out: list[bytes], key: int) -> Job | None:
         """Run one string intercept: its completion goes to ``out``, or it becomes a Job to await."""
@@ -108,10 +110,10 @@ class StringIo:
                             result = _bulk_data(result, count * size)
                         scatter(plan, result)
                 except Exception as exc:
-                    out.append(self.finish(plan, [Step(bulk, chunk, 0)], [], Status.HANDLER_FAILED, exc))
+                    out.append(self._complete(plan, [Step(bulk, chunk, 0)], [], Status.HANDLER_FAILED, exc))
                     return None
                 if deadline is not None and self.clock() - started > deadline:
-                    out.append(self.finish(plan, [Step(bulk, chunk, 0)], [], Status.DEADLINE_EXCEEDED, None))
+                    out.append(self._complete(plan, [Step(bulk, chunk, 0)], [], Status.DEADLINE_EXCEEDED, None))
                     return None
                 out.append(plan.completion())
                 return None
@@ -125,7 +127,7 @@ class StringIo:
             is_async = any(step.claim is not None and step.claim.is_async for step in template)
         if is_async:
             steps = template if bulk is not None else _element_steps(template, count, data, size)
-            return Job(key, steps, partition, vp, port, plan.access_info, is_write, plan.rax, plan.rip, plan)
+            return Job(key, steps, None, plan)
         results: list[object] = []
         status, error = Status.COMPLETED, None
         started = self.clock() if deadline is not None else 0.0
@@ -135,13 +137,12 @@ class StringIo:
             status, error = Status.HANDLER_FAILED, exc
         if status is Status.COMPLETED and deadline is not None and self.clock() - started > deadline:
             status = Status.DEADLINE_EXCEEDED
-        out.append(self.finish(plan, template, results, status, error))
+        out.append(self._complete(plan, template, results, status, error))
         return None
 
-    def finish(
+    def _complete(
         self, plan: StringPlan, template: list[Step], results: list[object], status: Status, error: BaseException | None
     ) -> bytes:
-        """The completion of a chunk whose handlers returned ``results`` (or failed with ``status``)."""
         # A handler that fails leaves the elements before it as they came; the
         # rest read all ones (or are dropped), as do all after a deadline, whose
         # results are discarded. Either way the chunk completes.
