@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -26,15 +28,18 @@ from dispatcher import (
 )
 
 
-def frame(port: int, size: int = 1, *, write: bool = False, rax: int = 0, vp: int = 0, **fields: object) -> bytes:
+def message(port: int, size: int = 1, *, write: bool = False, rax: int = 0, vp: int = 0) -> IoPortInterceptMessage:
     return IoPortInterceptMessage(
         port_number=port,
         access_type=AccessType.WRITE if write else AccessType.READ,
         access_info=AccessInfo.build(size),
         rax=rax,
         vp_index=vp,
-        **fields,  # type: ignore[arg-type]
-    ).to_bytes()
+    )
+
+
+def frame(port: int, size: int = 1, *, write: bool = False, rax: int = 0, vp: int = 0) -> bytes:
+    return message(port, size, write=write, rax=rax, vp=vp).to_bytes()
 
 
 def run(engine: Engine, *frames: bytes) -> list[Completion]:
@@ -88,7 +93,9 @@ def test_rip_advances_by_instruction_length_within_the_code_size(
     cs = SegmentRegister(attributes=SegmentAttributes(cs_attributes))
     [completion] = run(
         Engine(router),
-        frame(0x80, write=True, rip=rip, instruction_length=2, execution_state=state, cs_segment=cs),
+        replace(
+            message(0x80, write=True), rip=rip, instruction_length=2, execution_state=state, cs_segment=cs
+        ).to_bytes(),
     )
     assert completion.rip == expected
 
@@ -144,7 +151,7 @@ def test_a_failing_handler_gives_exactly_one_completion_with_all_ones(caplog: py
     router.add(broken, 0x64)
     router.add(lambda a: 7, 0x60)
     engine = Engine(router)
-    with caplog.at_level(logging.ERROR, logger="dispatcher"):
+    with caplog.at_level(logging.ERROR, logger="intercept_dispatch"):
         failed, written, fine = run(
             engine, frame(0x64, rax=0x1200, vp=1), frame(0x64, write=True, vp=2), frame(0x60, vp=3)
         )
@@ -181,9 +188,11 @@ def test_a_synchronous_handler_past_its_deadline_has_its_result_discarded() -> N
         (lambda f: f[:58] + b"\x05" + f[59:], 58),
     ],
 )
-def test_a_malformed_frame_gets_a_protocol_error_naming_the_offset(mutate: object, offset: int) -> None:
+def test_a_malformed_frame_gets_a_protocol_error_naming_the_offset(
+    mutate: Callable[[bytes], bytes], offset: int
+) -> None:
     engine = Engine(Router())
-    bad = mutate(frame(0x60, vp=9))  # type: ignore[operator]
+    bad = mutate(frame(0x60, vp=9))
     completion, next_one = run(engine, bad, frame(0x60, vp=10))
     assert next_one.vp_index == 10 and next_one.status is Status.COMPLETED  # the stream goes on
     assert completion.status is Status.PROTOCOL_ERROR and completion.detail == offset

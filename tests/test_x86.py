@@ -115,6 +115,33 @@ def test_the_encoder_and_decoder_agree(
     assert insn.override == (override if string else None)
 
 
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ({"write": False, "size": 1, "bits": 16, "port": 0x60}, b"\xe4\x60"),
+        ({"write": True, "size": 4, "bits": 16}, b"\x66\xef"),
+        ({"write": True, "size": 2, "bits": 32}, b"\x66\xef"),
+        ({"write": False, "size": 4, "bits": 64, "port": 0x71}, b"\xe5\x71"),
+        ({"write": False, "size": 2, "bits": 32, "string": True, "rep": True}, b"\x66\xf3\x6d"),
+        ({"write": True, "size": 1, "bits": 64, "string": True, "address_size": 32}, b"\x67\x6e"),
+        (
+            {
+                "write": True,
+                "size": 4,
+                "bits": 16,
+                "string": True,
+                "rep": True,
+                "address_size": 32,
+                "override": Segment.FS,
+            },
+            b"\x64\x66\x67\xf3\x6f",
+        ),
+    ],
+)
+def test_the_encoder_gives_the_shortest_encoding(arguments: dict[str, object], expected: bytes) -> None:
+    assert encode_io_instruction(**arguments) == expected  # type: ignore[arg-type]
+
+
 def test_the_encoder_refuses_what_cannot_be_encoded() -> None:
     with pytest.raises(ValueError, match="size"):
         encode_io_instruction(write=True, size=8, bits=64)

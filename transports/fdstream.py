@@ -20,13 +20,14 @@ import anyio
 import anyio.lowlevel
 
 from dispatcher import Transport, TransportClosedError, TransportError
+from dispatcher.wire import frame_ids
 
 from .framing import FrameSplitter
 from .latency import LatencySamples
 
 __all__ = ["READ_SIZE", "FdStreamTransport"]
 
-log = logging.getLogger("transports")
+log = logging.getLogger("intercept_dispatch.transports")
 
 READ_SIZE = 1 << 16
 """The most one read takes: 455 intercept frames."""
@@ -61,7 +62,7 @@ class FdStreamTransport(Transport):
         self._readable = False
         self.latency: LatencySamples | None = None
         """Where to record latency samples (see :mod:`transports.latency`); None records nothing."""
-        self._started: dict[bytes, float] = {}
+        self._started: dict[tuple[int, int], float] = {}
 
     # The system calls, which the socket transport replaces.
 
@@ -121,8 +122,8 @@ class FdStreamTransport(Transport):
             if frames:
                 if self.latency is not None and len(self._started) < _MAX_STARTED:
                     # One sample per batch, keyed by its first frame's partition
-                    # and VP (bytes 8-19, where a completion has them too).
-                    self._started[frames[0][8:20]] = time.perf_counter()
+                    # and VP (where a completion has them too).
+                    self._started[frame_ids(frames[0])] = time.perf_counter()
                 if self._readable:
                     # The next call will not wait, so yield here: a busy connection
                     # must not starve the others. Shielded: what was read is kept.
@@ -166,7 +167,7 @@ class FdStreamTransport(Transport):
             async with self._write_lock:
                 await self._write_all(view, begun=len(view) < len(data))
         if self._started and self.latency is not None:
-            started = self._started.pop(frames[0][8:20], None)
+            started = self._started.pop(frame_ids(frames[0]), None)
             if started is not None:
                 self.latency.samples.append(time.perf_counter() - started)
 

@@ -35,7 +35,7 @@ from .fdstream import READ_SIZE, FdStreamTransport
 
 __all__ = ["DEFAULT_MODE", "PeerCredentials", "UnixListener", "UnixTransport", "connect_unix", "default_socket_path"]
 
-log = logging.getLogger("transports")
+log = logging.getLogger("intercept_dispatch.transports")
 
 DEFAULT_MODE = 0o600
 MAX_FDS_PER_READ = 16

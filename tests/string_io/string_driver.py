@@ -12,10 +12,12 @@ from dispatcher import (
     ExecutionState,
     IoPortInterceptMessage,
     Registers,
+    Segment,
     SegmentAttributes,
     SegmentRegister,
     Status,
     decode_completion,
+    encode_io_instruction,
 )
 
 MODES = {
@@ -25,23 +27,19 @@ MODES = {
     "long": (ExecutionState.build(cr0_pe=True, efer_lma=True), SegmentAttributes(0xA09B), 4, 64),
 }
 FLAT_DATA = SegmentRegister(0, 0xFFFF_FFFF, 0x10, SegmentAttributes(0xC093))
-PREFIX = {"es": 0x26, "cs": 0x2E, "ss": 0x36, "ds": 0x3E, "fs": 0x64, "gs": 0x65}
 
 
 def instruction(mode: str, *, outs: bool, size: int, rep: bool, address_size: int, segment: str | None) -> bytes:
-    """Encode [seg] [66] [67] [F3] 6C-6F, built here by hand, not by the code under test."""
-    _, _, operand, address = MODES[mode]
-    code = bytearray()
-    if segment is not None:
-        code.append(PREFIX[segment])
-    if size > 1 and size != operand:
-        code.append(0x66)
-    if address_size != address:
-        code.append(0x67)
-    if rep:
-        code.append(0xF3)
-    code.append((0x6E if outs else 0x6C) + (size > 1))
-    return bytes(code)
+    """INS or OUTS in ``mode``, from the public encoder (tests/test_x86.py checks it byte by byte)."""
+    return encode_io_instruction(
+        write=outs,
+        size=size,
+        bits=MODES[mode][3],
+        string=True,
+        rep=rep,
+        address_size=address_size,
+        override=None if segment is None else Segment[segment.upper()],
+    )
 
 
 @dataclass
