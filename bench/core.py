@@ -109,7 +109,7 @@ def median_rate(work: Callable[[], int], seconds: float) -> float:
     This machine class stalls for 0.3-1.8 s about once a second; the median
     of short chunks measures the code, not the stalls.
     """
-    rates = []
+    rates: list[float] = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(rates) < 5:
         start = time.perf_counter()

@@ -24,6 +24,7 @@ own asyncio client (``client_*``) show what a VMM written in Python gets.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import signal
 import socket
@@ -358,11 +359,7 @@ def run(quick: bool) -> dict[str, float]:
 
 
 def _has_uvloop() -> bool:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("uvloop") is not None
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dispatcher import (
+    Access,
     Completion,
     FieldValueError,
+    FrameError,
     PortRange,
     Registers,
     ShortFrameError,
@@ -75,14 +77,14 @@ def test_completion_round_trip(completion: Completion) -> None:
         (Completion(0).to_bytes()[:21] + b"\x7f" + Completion(0).to_bytes()[22:], FieldValueError, "status"),
     ],
 )
-def test_bad_completions_are_named(data: bytes, error: type[Exception], field: str) -> None:
+def test_bad_completions_are_named(data: bytes, error: type[FrameError], field: str) -> None:
     with pytest.raises(error) as caught:
         decode_completion(data)
-    assert caught.value.field == field  # type: ignore[attr-defined]
+    assert caught.value.field == field
 
 
 def test_announcement_spans_frames_and_marks_the_last() -> None:
-    ranges = [PortRange(p, p + 1, 1 + p % 3) for p in range(0, 400, 4)]
+    ranges = [PortRange(p, p + 1, Access(1 + p % 3)) for p in range(0, 400, 4)]
     frames = encode_announcement(ranges)
     assert len(frames) == 4 and all(len(f) <= 256 for f in frames)
     decoded: list[PortRange] = []
@@ -100,7 +102,7 @@ def test_an_empty_announcement_is_one_final_frame() -> None:
 
 
 def test_a_bad_announcement_entry_names_its_offset() -> None:
-    frame = bytearray(encode_announcement([PortRange(0x60, 0x64, 3)])[0])
+    frame = bytearray(encode_announcement([PortRange(0x60, 0x64, Access.READ_WRITE)])[0])
     frame[28] = 0  # access mask of entry 0
     with pytest.raises(FieldValueError) as caught:
         decode_announcement(bytes(frame))

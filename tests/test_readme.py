@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dispatcher import Router
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -34,8 +36,9 @@ def test_the_device_class_example_in_readme_runs() -> None:
     namespace: dict[str, object] = {}
     exec(compile(block, "README.md", "exec"), namespace)
     router = namespace["router"]
-    assert router.lookup(0x511, write=False) is not None  # type: ignore[attr-defined]
-    assert router.lookup(0x521, write=True) is not None  # type: ignore[attr-defined]
+    assert isinstance(router, Router)
+    assert router.lookup(0x511, write=False) is not None
+    assert router.lookup(0x521, write=True) is not None
 
 
 def test_the_demo_passes() -> None:

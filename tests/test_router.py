@@ -13,6 +13,12 @@ def reader(access: PortAccess) -> int:
     return 0
 
 
+def handler_at(router: Router, port: int, *, write: bool) -> object:
+    """The handler serving ``port`` in that direction, or None."""
+    claim = router.lookup(port, write=write)
+    return None if claim is None else claim.handler
+
+
 def test_decorator_installs_a_claim_for_a_range() -> None:
     router = Router()
 
@@ -21,8 +27,8 @@ def test_decorator_installs_a_claim_for_a_range() -> None:
         return 0
 
     for port in range(0x3F8, 0x400):
-        assert router.lookup(port, write=False).handler is uart  # type: ignore[union-attr]
-        assert router.lookup(port, write=True).handler is uart  # type: ignore[union-attr]
+        assert handler_at(router, port, write=False) is uart
+        assert handler_at(router, port, write=True) is uart
     assert router.lookup(0x3F7, write=False) is None
     assert router.lookup(0x400, write=True) is None
 
@@ -92,13 +98,12 @@ def test_include_of_a_module_and_of_a_router() -> None:
     def port92(access: PortAccess) -> int:
         return 0
 
-    module.port92 = port92  # type: ignore[attr-defined]
-    module.alias = port92  # type: ignore[attr-defined]
+    vars(module).update(port92=port92, alias=port92)
     router = Router()
     assert len(router.include(module)) == 1  # one function under two names is installed once
     merged = Router()
     merged.include(router)
-    assert merged.lookup(0x92, write=True).handler is port92  # type: ignore[union-attr]
+    assert handler_at(merged, 0x92, write=True) is port92
 
 
 def test_include_is_all_or_nothing() -> None:
@@ -130,7 +135,11 @@ def test_port_ranges_merge_adjacent_claims_of_the_same_direction() -> None:
     router.add(reader, 0x22, 1)
     router.add(reader, 0x60, access="r")
     router.add(reader, 0x61, access="w")
-    assert router.port_ranges() == [PortRange(0x20, 0x22, 3), PortRange(0x60, 0x60, 1), PortRange(0x61, 0x61, 2)]
+    assert router.port_ranges() == [
+        PortRange(0x20, 0x22, Access.READ_WRITE),
+        PortRange(0x60, 0x60, Access.READ),
+        PortRange(0x61, 0x61, Access.WRITE),
+    ]
 
 
 def test_mark_rejects_bad_arguments() -> None:

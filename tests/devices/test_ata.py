@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from dispatcher import BufferMemory, IrqRecorder, Router
+from dispatcher import BufferMemory, BulkAccess, IrqRecorder, PortAccess, Router
 from examples.ata import SECTOR_SIZE, AtaChannel, AtaDisk
 from transports.testing import FakePartition, FakeVP
 
@@ -199,23 +199,39 @@ async def test_data_port_widths_and_string_io(fake_vp: FakeVP, how: str) -> None
     assert await identify(fake_vp, how=how) == await identify(fake_vp)
 
 
-async def test_string_io_reaches_the_bulk_handler(router: Router, channel: AtaChannel, fake_vp: FakeVP) -> None:
+async def test_string_io_reaches_the_bulk_handler(
+    router: Router, channel: AtaChannel, disk: AtaDisk, fake_vp: FakeVP
+) -> None:
     """``rep insw`` of a whole sector is one call of the bulk handler for all 256 words (the per-element
     handler is not used), and ``rep outsw`` likewise; a chunk may span DRQ blocks."""
-    claim = router.bulk_read_table[DATA]
-    assert claim is router.bulk_write_table[DATA] and claim.handler == channel.data_bulk
-    sizes: list[int] = []
-    read_data = channel._read_data
+    bulk = router.bulk_read_table[DATA]
+    assert bulk is router.bulk_write_table[DATA] and bulk.handler == channel.data_bulk
+    element = router.lookup(DATA, write=False)
+    assert element is not None and element.handler == channel.command_block
+    # Reinstall both handlers behind counters with the router's run-time API, to see which one each access reaches.
+    calls: list[tuple[str, bool, int]] = []
 
-    def spy(size: int) -> bytes:
-        sizes.append(size)
-        return read_data(size)
+    def count_element(access: PortAccess) -> int | None:
+        if access.port == DATA:
+            calls.append(("element", access.is_write, access.size))
+        return channel.command_block(access)
 
-    channel._read_data = spy  # type: ignore[method-assign]
+    def count_bulk(access: BulkAccess) -> bytes | None:
+        calls.append(("bulk", access.is_write, access.size * access.elements))
+        return channel.data_bulk(access)
+
+    router.remove(element)  # takes the bulk claim with it
+    count = element.last - element.first + 1
+    router.add(count_element, element.first, count, access=element.access, max_size=element.max_size)
+    router.add_bulk(count_bulk, bulk.first, bulk.last - bulk.first + 1, access=bulk.access)
     await issue(fake_vp, 0x20, lba=40, count=2)
     assert await read_block(fake_vp, 2 * SECTOR_SIZE) == pattern(40) + pattern(41)
-    assert sizes == [2 * SECTOR_SIZE]
     assert await fake_vp.inb(STATUS) == DRDY | DSC
+    await issue(fake_vp, 0x30, lba=7, count=2)
+    await write_block(fake_vp, b"\x33" * (2 * SECTOR_SIZE))
+    assert await fake_vp.inb(STATUS) == DRDY | DSC
+    assert disk.read(7, 2) == b"\x33" * (2 * SECTOR_SIZE)
+    assert calls == [("bulk", False, 2 * SECTOR_SIZE), ("bulk", True, 2 * SECTOR_SIZE)]
 
 
 async def test_identify_packet_device_is_aborted(fake_vp: FakeVP, irqs: IrqRecorder) -> None:

@@ -18,6 +18,7 @@ from service_process import ServiceProcess
 
 from dispatcher import (
     UNKNOWN_VP,
+    Access,
     PortRange,
     Registers,
     Status,
@@ -40,10 +41,10 @@ def set_byte(frame: bytes, offset: int, value: int) -> bytes:
 async def test_announces_its_ports_and_answers(socket_path: Path) -> None:
     async with connect(socket_path) as client:
         assert client.ports == [
-            PortRange(SLOW, BROKEN, 3),
-            PortRange(MOST_AT_ONCE, MOST_AT_ONCE, 1),
-            PortRange(GATE, GATE, 3),
-            PortRange(SCRATCH, SCRATCH, 3),
+            PortRange(SLOW, BROKEN, Access.READ_WRITE),
+            PortRange(MOST_AT_ONCE, MOST_AT_ONCE, Access.READ),
+            PortRange(GATE, GATE, Access.READ_WRITE),
+            PortRange(SCRATCH, SCRATCH, Access.READ_WRITE),
         ]
         written = await client.exchange(intercept(SCRATCH, write=True, value=0x5A))
         assert (written.status, written.registers, written.rip) == (Status.COMPLETED, Registers.RIP, 0x1001)

@@ -12,7 +12,7 @@ from string_devices import BYTES, FIFO
 from string_driver import Vp, instruction
 
 from dispatcher import Registers, Status
-from transports.service import connect_service
+from transports.service import ServiceClient, connect_service
 from transports.shared_memory import share_region
 from transports.unix import UnixTransport
 
@@ -28,11 +28,11 @@ def rep_frame(*, outs: bool, size: int, port: int, rcx: int, index: int) -> byte
     return Vp("protected", rcx=rcx, rsi=index, rdi=index).message(port, code, outs=outs, size=size, rep=True).to_bytes()
 
 
-async def run_to_end(client: object, *, outs: bool, size: int, port: int, count: int, index: int) -> None:
+async def run_to_end(client: ServiceClient, *, outs: bool, size: int, port: int, count: int, index: int) -> None:
     """Execute one REP instruction through the service, re-entering it after each chunk as a VMM does."""
     rcx = count
     for _ in range(1000):
-        completion = await client.exchange(rep_frame(outs=outs, size=size, port=port, rcx=rcx, index=index))  # type: ignore[attr-defined]
+        completion = await client.exchange(rep_frame(outs=outs, size=size, port=port, rcx=rcx, index=index))
         assert completion.status is Status.COMPLETED, completion
         rcx = completion.rcx
         index = completion.rsi if outs else completion.rdi

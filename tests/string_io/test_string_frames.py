@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from string_driver import Vp, instruction
 
@@ -9,7 +11,6 @@ from dispatcher import (
     BufferMemory,
     Engine,
     Guest,
-    IoPortInterceptMessage,
     Registers,
     Router,
     Status,
@@ -31,14 +32,12 @@ def engine_with_memory(router: Router | None = None, translate: Translate | None
 def frame(code: bytes, *, count: int | None = None, length: int | None = None) -> bytes:
     # A REP INSW intercept in protected mode (32-bit code) carrying these instruction bytes.
     message = Vp("protected", rcx=4, rdi=0x100).message(PORT, code[:15], outs=False, size=2, rep=True)
-    fields = {
-        "instruction_bytes": code,
-        "instruction_byte_count": len(code) if count is None else count,
-        "instruction_length": len(code) if length is None else length,
-    }
-    values = {name: getattr(message, name) for name in message.__dataclass_fields__}
-    values.update(fields)
-    return IoPortInterceptMessage(**values).to_bytes()
+    return replace(
+        message,
+        instruction_bytes=code,
+        instruction_byte_count=len(code) if count is None else count,
+        instruction_length=len(code) if length is None else length,
+    ).to_bytes()
 
 
 REP_INSW = bytes([0x66, 0xF3, 0x6D])

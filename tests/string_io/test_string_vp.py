@@ -84,6 +84,19 @@ async def test_rep_insw_fills_memory_and_leaves_the_registers_past_it() -> None:
     assert (vp.rdi, vp.rcx, vp.rip) == (0x8200, 0, rip + 3)  # 66 F3 6D in long mode
 
 
+class EntryRecorder(FakePartition):
+    """A fake partition that notes VP 0's RCX, RDI and RIP each time it enters the dispatcher."""
+
+    def __init__(self, router: Router, *, memory: BufferMemory, max_elements: int, mode: CpuMode) -> None:
+        super().__init__(router, memory=memory, max_elements=max_elements, mode=mode)
+        self.entries: list[tuple[int, int, int]] = []
+
+    async def exchange(self, vp_index: int, frame: bytes) -> Completion:
+        vp = self.vp(vp_index)
+        self.entries.append((vp.rcx, vp.rdi, vp.rip))
+        return await super().exchange(vp_index, frame)
+
+
 @pytest.mark.parametrize("mode", list(CpuMode))
 async def test_a_chunk_boundary_in_the_middle_of_a_rep(mode: CpuMode) -> None:
     # 10 elements, at most 4 per exit: exits of 4, 4 and 2, and RIP moves only on the last.
@@ -91,20 +104,15 @@ async def test_a_chunk_boundary_in_the_middle_of_a_rep(mode: CpuMode) -> None:
     router = Router()
     router.include(fifo)
     buffer, memory = memory_of()
-    async with FakePartition(router, memory=memory, max_elements=4, mode=mode) as partition:
+    partition = EntryRecorder(router, memory=memory, max_elements=4, mode=mode)
+    async with partition:
         vp = partition.vp(0)
         vp.rdi, vp.rcx, rip = 0x100, 10, vp.rip
-        history: list[tuple[int, int, int]] = []
-        apply = vp.apply
-
-        def record(completion: Completion) -> None:
-            apply(completion)
-            history.append((vp.rcx, vp.rdi, vp.rip))
-
-        vp.apply = record  # type: ignore[method-assign]
         await vp.insw(0x1F0, rep=True)
     length = 2 if mode is CpuMode.REAL else 3  # F3 6D, or 66 F3 6D where words need the operand-size prefix
-    assert history == [(6, 0x108, rip), (2, 0x110, rip), (0, 0x114, rip + length)]
+    # The registers at each re-entry, then after the instruction: each completion moved RCX and RDI by a chunk.
+    assert partition.entries == [(10, 0x100, rip), (6, 0x108, rip), (2, 0x110, rip)]
+    assert (vp.rcx, vp.rdi, vp.rip) == (0, 0x114, rip + length)
     assert buffer[0x100:0x114] == b"".join(i.to_bytes(2, "little") for i in range(10))
     assert fifo.element_calls == 10
 
