@@ -13,7 +13,6 @@ measured in the same run.
 from __future__ import annotations
 
 import statistics
-import struct
 import time
 from collections.abc import Callable
 
@@ -33,12 +32,11 @@ from dispatcher import (
     SegmentAttributes,
     SegmentRegister,
 )
+from dispatcher.wire import COUNTERS, REGISTER_FLAGS, Offset
 
 SIZE = 64 * 1024
 CONSOLE, DISK = 0x402, 0x1F0
 SOURCE, TARGET = 0x1_0000, 0x2_0000
-_COUNTERS = struct.Struct("<QQQ")  # RCX, RSI, RDI: at 120 in the intercept, at 40 in the completion
-_REGISTERS = struct.Struct("<H")  # at 22 in the completion
 
 
 def _intercept(port: int, size: int, write: bool) -> bytearray:
@@ -65,12 +63,12 @@ def _execute(engine: Engine, frame: bytearray, elements: int, write: bool) -> in
     rcx, rsi, rdi = elements, SOURCE, TARGET
     exits = 0
     while True:
-        _COUNTERS.pack_into(frame, 120, rcx, rsi, rdi)
+        COUNTERS.pack_into(frame, Offset.RCX, rcx, rsi, rdi)
         out, _ = engine.receive([bytes(frame)])
         exits += 1
         completion = out[0]
-        rcx, rsi, rdi = _COUNTERS.unpack_from(completion, 40)
-        if _REGISTERS.unpack_from(completion, 22)[0] & Registers.RIP:
+        rcx, rsi, rdi = COUNTERS.unpack_from(completion, Offset.COMPLETION_RCX)
+        if REGISTER_FLAGS.unpack_from(completion, Offset.COMPLETION_REGISTERS)[0] & Registers.RIP:
             return exits
 
 

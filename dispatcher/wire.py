@@ -42,6 +42,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "REGION",
     "REGION_STRUCT",
+    "REGISTER_FLAGS",
     "SEGMENT",
     "SLOT_SIZE",
     "STRING_FIELDS",
@@ -109,6 +110,9 @@ class Offset(enum.IntEnum):
     COMPLETION_VERSION = 20
     COMPLETION_STATUS = 21
     COMPLETION_REGISTERS = 22
+    COMPLETION_RIP = 24
+    COMPLETION_RAX = 32
+    COMPLETION_RCX = 40  # then RSI and RDI
     COMPLETION_DETAIL = 68
     # The announcement.
     ANNOUNCEMENT_COUNT = 18
@@ -135,7 +139,9 @@ STRING_FIELDS: Final = struct.Struct("<QIBBH14xHQQHBB4xQ16s32xQQQ")
 SEGMENT: Final = struct.Struct("<" + _SEGMENT)
 """One segment register, at Offset.CS, Offset.DS or Offset.ES."""
 COUNTERS: Final = struct.Struct("<QQQ")
-"""RCX, RSI and RDI, at Offset.RCX."""
+"""RCX, RSI and RDI: at Offset.RCX in the intercept, at Offset.COMPLETION_RCX in the completion."""
+REGISTER_FLAGS: Final = struct.Struct("<H")
+"""A completion's Registers, at Offset.COMPLETION_REGISTERS."""
 IDS: Final = struct.Struct("<QI")
 """The source partition and VpIndex, at Offset.PARTITION."""
 ECHO: Final = struct.Struct("<Q8xHB5xQ")
