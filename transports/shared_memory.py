@@ -14,7 +14,7 @@ VMM side::
     await share_region(client.transport, 0, fd, size)
 
 Service side, :func:`with_shared_memory` wraps each UNIX connection in a
-:class:`SharedMemoryTransport`, whose ``guest_memory`` the
+:class:`SharedMemoryTransport`, whose declared ``guest`` the
 :class:`~dispatcher.Dispatcher` uses for that connection. Region frames
 never reach the engine. A region is applied when the frames before it have
 been handed on, so intercepts see exactly the regions sent before them.

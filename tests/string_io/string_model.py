@@ -1,4 +1,4 @@
-"""A small reference model of INS/OUTS, written from the SDM independently of dispatcher.string_io.
+"""A small reference model of INS/OUTS, written from the SDM independently of dispatcher.string_plan.
 
 It executes a whole (REP) instruction one element at a time, with a flat
 guest-physical memory (no paging), expand-up segments and no alignment
