@@ -6,7 +6,7 @@ The guest is ``examples/guests/out_loop`` (``out 0x80, al`` N times in
 - bare: one thread, ``ioctl(KVM_RUN)`` and an exit-reason check per exit, no framework;
 - in process: ``KvmTransport`` + ``Dispatcher`` + a handler for port 0x80 (the PC's POST-code
   register), with posted writes (the default) and with every OUT waiting for its completion;
-- through ``serve``: the same vCPU relaying every intercept to ``python -m dispatcher serve``
+- through ``serve``: the same vCPU relaying every intercept to ``python -m examples serve``
   (the example PC's devices) over a UNIX socket, guest RAM shared by memfd.
 
 This machine stalls: whole processes stop for 0.3-2 s every second or so
@@ -16,8 +16,8 @@ exit count, the same way for all three.
 
 SeaBIOS: ``python -m examples.pc --bios /usr/share/seabios/bios.bin`` until
 the console shows "No bootable device", beside ``qemu-system-x86_64
--enable-kvm -bios`` with the same image until its debug console log does
-(the command the issue gives); wall time from start, medians of the runs.
+-enable-kvm -bios`` with the same image (QEMU's own PC) until its debug
+console log does; wall time from start, medians of the runs.
 The QEMU column is skipped when QEMU is missing or cannot run. ``--quick``
 skips the SeaBIOS comparison (a boot alone can exceed the quick budget
 here).
@@ -40,10 +40,10 @@ from pathlib import Path
 
 import anyio
 
-from dispatcher import Router, on_port
+from dispatcher import Dispatcher, Router, on_port
 from examples.debug import DebugExit
 from examples.guests import out_loop_image
-from transports.kvm import KvmTransport, _abi, boot_flat_image, kvm_available
+from transports.kvm import KvmTransport, abi, boot_flat_image, kvm_available
 
 SEABIOS = Path("/usr/share/seabios/bios.bin")
 WINDOW = 0.002
@@ -82,7 +82,7 @@ def bare(exits: int) -> float:
     vm, vcpu = boot_flat_image(out_loop_image(exits))
     counted = [0]
     with vm, _Sampler(lambda: counted[0]) as sampler:
-        fd, run, ioctl, kvm_run, exit_io = vcpu.fd, vcpu.kvm_run, fcntl.ioctl, _abi.KVM_RUN, _abi.KVM_EXIT_IO
+        fd, run, ioctl, kvm_run, exit_io = vcpu.fd, vcpu.kvm_run, fcntl.ioctl, abi.KVM_RUN, abi.KVM_EXIT_IO
         for _ in range(exits):
             ioctl(fd, kvm_run, 0)
             if run.exit_reason != exit_io:
@@ -109,7 +109,7 @@ def in_process(exits: int, *, posted: bool, handoff: str = "auto") -> float:
             router.include(DebugExit(on_exit=lambda status: transport.stop("done")))
             runner = transport.runners[0]
             with _Sampler(lambda: runner.exits) as sampler:
-                await transport.dispatcher(router).serve(transport)
+                await Dispatcher(router).serve(transport)
             assert runner.exits >= exits, transport.stops
             return sampler.median_rate()
 
@@ -123,7 +123,7 @@ def through_serve(exits: int) -> float:
     with tempfile.TemporaryDirectory() as directory:
         socket = Path(directory) / "pc.sock"
         service = subprocess.Popen(
-            [sys.executable, "-m", "dispatcher", "serve", "--socket", str(socket), "--device",
+            [sys.executable, "-m", "examples", "serve", "--socket", str(socket), "--device",
              "examples.pc_remote_devices:pc_devices", "--log-level", "WARNING"],
             env=dict(os.environ, PC_DISK=""),
         )  # fmt: skip

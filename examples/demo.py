@@ -1,6 +1,6 @@
 """The embedded default: a guest driving the example UART through the dispatcher.
 
-Run it with ``python -m dispatcher demo``. Where ``/dev/kvm`` can be used, a
+Run it with ``python -m examples demo``. Where ``/dev/kvm`` can be used, a
 real guest runs: ``examples/guests/hello_real`` boots on a KVM vCPU, prints a
 line through the example 16550 UART while polling its line status register,
 loops a word back through it and reports on the exit device; every IN and
@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import anyio
 
-from dispatcher import Router
+from dispatcher import Dispatcher, Router
 from transports.testing import CpuMode, FakePartition, FakeVP
 
 from .uart import Uart16550
@@ -52,7 +52,7 @@ async def run_kvm_demo(echo: Callable[[str], object] = print) -> int:
         router = Router()
         router.include(Uart16550(sink=serial.extend))
         router.include(exit)
-        dispatcher = transport.dispatcher(router)
+        dispatcher = Dispatcher(router)
         echo("booting examples/guests/hello_real on a KVM vCPU; its port I/O goes through the dispatcher")
         with anyio.move_on_after(60):
             await dispatcher.serve(transport)

@@ -6,7 +6,7 @@ device's (isa-debug-exit at 0x501: ``(value << 1) | 1``, as QEMU gives it),
 or 0 once the output shows ``--until`` TEXT;
 otherwise the reason is printed on standard error and the status is 2, or
 124 after ``--timeout``. ``--backend unix:PATH`` forwards every intercept to
-a ``python -m dispatcher serve`` listening at PATH, guest RAM shared with it.
+a ``python -m examples serve`` listening at PATH, guest RAM shared with it.
 """
 
 from __future__ import annotations

@@ -229,9 +229,7 @@ async def run_pc(
             )
             intr.receiver, intr.line = transport, 0
             transport.set_irq(0, intr.level)
-            dispatcher = (
-                dispatcher_factory(transport, pc) if dispatcher_factory is not None else transport.dispatcher(pc.router)
-            )
+            dispatcher = dispatcher_factory(transport, pc) if dispatcher_factory is not None else Dispatcher(pc.router)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_keep_time, TimeKeeper(pc), config.poll_interval)
                 with anyio.move_on_after(config.timeout if config.timeout is not None else float("inf")) as scope:

@@ -1,4 +1,4 @@
-"""The PC with its devices in another process: every intercept goes to ``python -m dispatcher serve``.
+"""The PC with its devices in another process: every intercept goes to ``python -m examples serve``.
 
 The VMM keeps only the vCPU and guest memory. It connects to the service's
 UNIX socket, waits for the port announcement, shares every memory slot
@@ -10,7 +10,7 @@ timers next need a look and whether INTR is high, the exit device and the
 console output; an interrupt acknowledge is a read of its own.
 
 The relay speaks to the socket directly rather than through
-:class:`transports.client.ServiceClient`, which allows one intercept in
+:class:`transports.service.ServiceClient`, which allows one intercept in
 flight per VP: a posted write leaves several.
 """
 
@@ -21,8 +21,8 @@ import struct
 import anyio
 
 from dispatcher import ANNOUNCEMENT, COMPLETION, Completion, Status, TransportError, decode_completion
-from transports.client import io_intercept
 from transports.kvm import KvmTransport
+from transports.service import io_intercept
 from transports.shared_memory import share_region
 from transports.unix import UnixTransport, connect_unix
 

@@ -56,7 +56,7 @@ async def run_guest(
     router = Router()
     for device in (Uart16550(run.serial.extend), run.echo, run.exit, *devices):
         router.include(device)
-    run.dispatcher = transport.dispatcher(router, deadline=None)
+    run.dispatcher = Dispatcher(router, deadline=None)
     with anyio.move_on_after(timeout) as scope:
         await run.dispatcher.serve(wrap(transport) if wrap is not None else transport)
     if scope.cancelled_caught:

@@ -1,4 +1,4 @@
-"""``python -m dispatcher demo`` boots the hello guest on KVM, and says so when it cannot."""
+"""``python -m examples demo`` boots the hello guest on KVM, and says so when it cannot."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from examples.demo import main
 
 @requires_kvm
 def test_the_demo_boots_the_hello_guest_on_kvm() -> None:
-    result = subprocess.run([sys.executable, "-m", "dispatcher", "demo"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "examples", "demo"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "on a KVM vCPU" in result.stdout
     assert "serial output: Hello from the guest" in result.stdout and "demo passed" in result.stdout

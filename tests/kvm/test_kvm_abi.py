@@ -10,19 +10,19 @@ from typing import Any
 
 import pytest
 
-from transports.kvm import _abi
+from transports.kvm import abi
 
 # (C expression, Python value) pairs; the C side prints each expression.
 _STRUCTS = {
-    "kvm_run": _abi.KvmRun,
-    "kvm_regs": _abi.KvmRegs,
-    "kvm_sregs": _abi.KvmSregs,
-    "kvm_segment": _abi.KvmSegment,
-    "kvm_dtable": _abi.KvmDtable,
-    "kvm_cpuid_entry2": _abi.KvmCpuidEntry2,
-    "kvm_userspace_memory_region": _abi.KvmUserspaceMemoryRegion,
-    "kvm_interrupt": _abi.KvmInterrupt,
-    "kvm_translation": _abi.KvmTranslation,
+    "kvm_run": abi.KvmRun,
+    "kvm_regs": abi.KvmRegs,
+    "kvm_sregs": abi.KvmSregs,
+    "kvm_segment": abi.KvmSegment,
+    "kvm_dtable": abi.KvmDtable,
+    "kvm_cpuid_entry2": abi.KvmCpuidEntry2,
+    "kvm_userspace_memory_region": abi.KvmUserspaceMemoryRegion,
+    "kvm_interrupt": abi.KvmInterrupt,
+    "kvm_translation": abi.KvmTranslation,
 }
 _IOCTLS = [
     "KVM_GET_API_VERSION",
@@ -92,13 +92,13 @@ _RUN_FIELDS = [
 
 def _python_offset(path: str) -> int:
     if path == "s":
-        return _abi.KVM_RUN_SYNC_REGS_OFFSET
+        return abi.KVM_RUN_SYNC_REGS_OFFSET
     offset = 0
-    cls: type[Any] = _abi.KvmRun
+    cls: type[Any] = abi.KvmRun
     for part in path.split("."):
-        if cls is _abi.KvmRun and part in {f[0] for f in _abi.KvmRunExit._fields_}:
-            offset += _abi.KvmRun.u.offset
-            cls = _abi.KvmRunExit
+        if cls is abi.KvmRun and part in {f[0] for f in abi.KvmRunExit._fields_}:
+            offset += abi.KvmRun.u.offset
+            cls = abi.KvmRunExit
         offset += getattr(cls, part).offset
         cls = next(f[1] for f in cls._fields_ if f[0] == part)
     return offset
@@ -110,20 +110,20 @@ def _python_fields(struct: type[ctypes.Structure]) -> list[str]:
 
 def test_sizes_match_the_uapi_headers() -> None:
     # Numbers from include/uapi/linux/kvm.h and arch/x86/include/uapi/asm/kvm.h (x86-64).
-    assert ctypes.sizeof(_abi.KvmRegs) == 144
-    assert ctypes.sizeof(_abi.KvmSegment) == 24
-    assert ctypes.sizeof(_abi.KvmDtable) == 16
-    assert ctypes.sizeof(_abi.KvmSregs) == 312
-    assert ctypes.sizeof(_abi.KvmCpuidEntry2) == 40
-    assert ctypes.sizeof(_abi.KvmUserspaceMemoryRegion) == 32
-    assert ctypes.sizeof(_abi.KvmTranslation) == 24
-    assert _abi.KvmRun.u.offset == 32
-    assert _abi.KvmRun.kvm_valid_regs.offset == 288
-    assert _abi.KVM_RUN == 0xAE80
-    assert _abi.KVM_GET_REGS == 0x8090AE81
-    assert _abi.KVM_SET_SREGS == 0x4138AE84
-    assert _abi.KVM_SET_USER_MEMORY_REGION == 0x4020AE46
-    assert _abi.KVM_GET_SUPPORTED_CPUID == 0xC008AE05
+    assert ctypes.sizeof(abi.KvmRegs) == 144
+    assert ctypes.sizeof(abi.KvmSegment) == 24
+    assert ctypes.sizeof(abi.KvmDtable) == 16
+    assert ctypes.sizeof(abi.KvmSregs) == 312
+    assert ctypes.sizeof(abi.KvmCpuidEntry2) == 40
+    assert ctypes.sizeof(abi.KvmUserspaceMemoryRegion) == 32
+    assert ctypes.sizeof(abi.KvmTranslation) == 24
+    assert abi.KvmRun.u.offset == 32
+    assert abi.KvmRun.kvm_valid_regs.offset == 288
+    assert abi.KVM_RUN == 0xAE80
+    assert abi.KVM_GET_REGS == 0x8090AE81
+    assert abi.KVM_SET_SREGS == 0x4138AE84
+    assert abi.KVM_SET_USER_MEMORY_REGION == 0x4020AE46
+    assert abi.KVM_GET_SUPPORTED_CPUID == 0xC008AE05
 
 
 @pytest.mark.skipif(
@@ -136,7 +136,7 @@ def test_layout_matches_a_compiled_oracle(tmp_path: Path) -> None:
         lines.append(f'printf("{name} %lu\\n", (unsigned long)({name}));')
     for cname, struct in _STRUCTS.items():
         lines.append(f'printf("sizeof {cname} %zu\\n", sizeof(struct {cname}));')
-        if struct is not _abi.KvmRun:
+        if struct is not abi.KvmRun:
             for field in _python_fields(struct):
                 lines.append(f'printf("offsetof {cname}.{field} %zu\\n", offsetof(struct {cname}, {field}));')
     for field in _RUN_FIELDS:
@@ -154,9 +154,9 @@ def test_layout_matches_a_compiled_oracle(tmp_path: Path) -> None:
         value = int(value_text)
         if kind == "sizeof":
             struct = _STRUCTS[name]
-            if struct is _abi.KvmRun:
+            if struct is abi.KvmRun:
                 # Our KvmRun stops before the sync-regs area on purpose.
-                assert value >= _abi.KVM_RUN_SYNC_REGS_OFFSET
+                assert value >= abi.KVM_RUN_SYNC_REGS_OFFSET
             else:
                 assert ctypes.sizeof(struct) == value, name
         elif kind == "offsetof":
@@ -166,4 +166,4 @@ def test_layout_matches_a_compiled_oracle(tmp_path: Path) -> None:
             else:
                 assert getattr(_STRUCTS[cname], field).offset == value, name
         else:
-            assert getattr(_abi, kind) == int(rest), kind
+            assert getattr(abi, kind) == int(rest), kind

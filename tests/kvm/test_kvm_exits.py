@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Sequence
 
 import anyio
@@ -10,11 +9,11 @@ import pytest
 from kvm_machine import run_guest
 from kvm_support import requires_kvm
 
-from dispatcher import PortAccess, Router, Transport, decode_completion, on_port
+from dispatcher import Dispatcher, Guest, PortAccess, Router, Transport, decode_completion, on_port
 from examples.guests import guest_bytes, out_loop_image
 from examples.guests.devices import EchoLatch
 from examples.pic import PicPair
-from transports.kvm import KvmTransport, StopReason, _abi, boot_flat_image
+from transports.kvm import KvmTransport, StopReason, abi, boot_flat_image
 from transports.kvm.runner import terminal_exit
 
 pytestmark = requires_kvm
@@ -98,12 +97,28 @@ async def test_triple_fault_is_reported_as_shutdown() -> None:
 
 
 @pytest.mark.anyio
+async def test_the_dispatchers_graceful_stop_stops_the_vcpus() -> None:
+    vm, _ = boot_flat_image(SPIN)
+    with vm:
+        transport = KvmTransport(vm)
+        assert transport.stops_reading  # the dispatcher asks it to stop instead of cancelling its read
+        assert transport.guest.memory.read(0x7C00, 2) == SPIN
+        dispatcher = Dispatcher(Router())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(dispatcher.serve, transport)
+            await anyio.sleep(0.2)
+            dispatcher.stop()
+    [stop] = transport.stops
+    assert stop.reason is StopReason.STOPPED and stop.rip == 0x7C00
+
+
+@pytest.mark.anyio
 async def test_watchdog_stops_a_spinning_guest() -> None:
     vm, _ = boot_flat_image(SPIN)
     with vm:
         transport = KvmTransport(vm)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(transport.dispatcher(Router()).serve, transport)
+            tg.start_soon(Dispatcher(Router()).serve, transport)
             await anyio.sleep(0.2)
             transport.stop("watchdog: no progress")
     [stop] = transport.stops
@@ -117,14 +132,19 @@ class Tampering(Transport):
     def __init__(self, inner: KvmTransport) -> None:
         self.inner = inner
 
+    @property
+    def guest(self) -> Guest:
+        return self.inner.guest  # the same connection: the same guest memory
+
     async def receive_batch(self) -> list[bytes]:
         return await self.inner.receive_batch()
 
     async def send_batch(self, frames: Sequence[bytes]) -> None:
         out = []
         for frame in frames:
-            if decode_completion(frame).port_number == 0x80:
-                frame = frame[:24] + struct.pack("<Q", struct.unpack_from("<Q", frame, 24)[0] + 1) + frame[32:]
+            completion = decode_completion(frame)
+            if completion.port_number == 0x80:
+                frame = completion._replace(rip=completion.rip + 1).to_bytes()
             out.append(frame)
         await self.inner.send_batch(out)
 
@@ -151,7 +171,7 @@ async def test_an_error_outranks_a_plain_stop_until_the_vcpu_has_stopped(caplog:
         runner.stop("exit 1")  # the exit device, written in the same batch...
         runner.stop("a posted OUT went wrong", StopReason.ERROR)  # ...as a posted OUT whose completion disagrees
         runner.stop("stopped by the VMM")
-        await transport.dispatcher(Router()).serve(transport)
+        await Dispatcher(Router()).serve(transport)
         [stop] = transport.stops
         assert (stop.reason, stop.detail) == (StopReason.ERROR, "a posted OUT went wrong")
         runner.stop("too late", StopReason.ERROR)
@@ -175,20 +195,20 @@ async def test_a_waited_out_whose_completion_moves_rip_gets_exactly_that() -> No
 @pytest.mark.parametrize(
     ("reason", "fill", "expected", "words"),
     [
-        (_abi.KVM_EXIT_FAIL_ENTRY, lambda run: setattr(run.fail_entry, "hardware_entry_failure_reason", 0x21),
+        (abi.KVM_EXIT_FAIL_ENTRY, lambda run: setattr(run.fail_entry, "hardware_entry_failure_reason", 0x21),
          StopReason.FAIL_ENTRY, "entry failure reason 0x21"),
-        (_abi.KVM_EXIT_SHUTDOWN, lambda run: None, StopReason.SHUTDOWN, "triple fault"),
-        (_abi.KVM_EXIT_SYSTEM_EVENT, lambda run: setattr(run.system_event, "type", 2), StopReason.SYSTEM_EVENT,
+        (abi.KVM_EXIT_SHUTDOWN, lambda run: None, StopReason.SHUTDOWN, "triple fault"),
+        (abi.KVM_EXIT_SYSTEM_EVENT, lambda run: setattr(run.system_event, "type", 2), StopReason.SYSTEM_EVENT,
          "type 2"),
-        (_abi.KVM_EXIT_NMI, lambda run: None, StopReason.ERROR, "exit reason 16"),
+        (abi.KVM_EXIT_NMI, lambda run: None, StopReason.ERROR, "exit reason 16"),
     ],
 )  # fmt: skip
 def test_terminal_exits_are_described(
-    reason: int, fill: Callable[[_abi.KvmRun], None], expected: StopReason, words: str
+    reason: int, fill: Callable[[abi.KvmRun], None], expected: StopReason, words: str
 ) -> None:
     # FAIL_ENTRY cannot be provoked on kvm-pvm (there is no hardware entry): the report is checked on kvm_run as KVM
     # would leave it.
-    run = _abi.KvmRun()
+    run = abi.KvmRun()
     run.exit_reason = reason
     fill(run)
     stop_reason, detail = terminal_exit(run)

@@ -6,7 +6,7 @@ import ctypes
 
 from kvm_support import requires_kvm
 
-from transports.kvm import _abi, boot_flat_image
+from transports.kvm import abi, boot_flat_image
 from transports.kvm.syncregs import (
     CONTEXT_SIZE,
     EVENTS_OFFSET,
@@ -18,11 +18,11 @@ from transports.kvm.syncregs import (
 
 
 def test_offsets_follow_the_uapi_structures() -> None:
-    assert REGS_OFFSET == _abi.KvmRun.kvm_dirty_regs.offset + 8 == 304
-    assert SREGS_OFFSET - REGS_OFFSET == ctypes.sizeof(_abi.KvmRegs) == REGS_STRUCT.size
-    assert ctypes.sizeof(_abi.KvmSregs) == EVENTS_OFFSET - SREGS_OFFSET
-    assert _abi.KvmSregs.efer.offset + 8 == CONTEXT_SIZE
-    assert _abi.KvmSregs.ss.offset == 5 * ctypes.sizeof(_abi.KvmSegment)
+    assert REGS_OFFSET == abi.KvmRun.kvm_dirty_regs.offset + 8 == 304
+    assert SREGS_OFFSET - REGS_OFFSET == ctypes.sizeof(abi.KvmRegs) == REGS_STRUCT.size
+    assert ctypes.sizeof(abi.KvmSregs) == EVENTS_OFFSET - SREGS_OFFSET
+    assert abi.KvmSregs.efer.offset + 8 == CONTEXT_SIZE
+    assert abi.KvmSregs.ss.offset == 5 * ctypes.sizeof(abi.KvmSegment)
 
 
 @requires_kvm

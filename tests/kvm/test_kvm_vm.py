@@ -7,7 +7,7 @@ from kvm_machine import run_guest
 from kvm_support import requires_kvm
 
 from examples.guests import ROM_CHECK_ADDRESS, ROM_CHECK_IMAGE, guest_bytes
-from transports.kvm import KvmUnavailableError, Vm, _abi, boot_flat_image, kvm_available
+from transports.kvm import KvmUnavailableError, Vm, abi, boot_flat_image, kvm_available
 
 
 def test_missing_device_is_reported_not_raised(tmp_path: object) -> None:
@@ -49,7 +49,7 @@ def test_registers_round_trip() -> None:
         assert vcpu.get_regs().rbx == 0x1122334455667788
         sregs = vcpu.get_sregs()
         assert sregs.cs.selector == 0xF000 and sregs.cs.base == 0xFFFF0000  # architectural reset state
-        assert vm.check_extension(_abi.KVM_CAP_IMMEDIATE_EXIT)
+        assert vm.check_extension(abi.KVM_CAP_IMMEDIATE_EXIT)
 
 
 @requires_kvm

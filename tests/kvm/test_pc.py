@@ -1,7 +1,7 @@
 """``python -m examples.pc`` boots real firmware: SeaBIOS, and an MBR that reads sectors through INT 13h.
 
 Each boot runs the command line as a user would, in process and with the
-devices in a ``python -m dispatcher serve`` process. SeaBIOS takes a few
+devices in a ``python -m examples serve`` process. SeaBIOS takes a few
 seconds on an idle machine and much longer on a loaded one, hence the
 generous timeouts (nothing here measures time).
 """

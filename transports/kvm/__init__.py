@@ -1,5 +1,5 @@
 """Pure-Python KVM backend (x86-64 hosts): a VM, vCPUs and their exits, and :class:`KvmTransport`,
-which serves the vCPUs' port I/O through a :class:`dispatcher.Dispatcher`. docs/KVM.md has the details."""
+whose vCPUs' port I/O a :class:`dispatcher.Dispatcher` serves. docs/KVM.md has the details."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from .exits import (
     HltExit,
     InternalErrorExit,
     InterruptedExit,
-    IoDirection,
     IoExit,
     IrqWindowOpenExit,
     MmioExit,
@@ -19,7 +18,7 @@ from .exits import (
     VcpuExit,
 )
 from .memory import LinearReader, vm_memory
-from .runner import StopReason, VcpuStop
+from .runner import StopReason, VcpuHost, VcpuStop
 from .transport import InterruptController, KvmTransport
 from .vm import (
     KICK_SIGNAL,
@@ -43,7 +42,6 @@ __all__ = [
     "InternalErrorExit",
     "InterruptController",
     "InterruptedExit",
-    "IoDirection",
     "IoExit",
     "IrqWindowOpenExit",
     "KvmError",
@@ -58,6 +56,7 @@ __all__ = [
     "SystemEventExit",
     "Vcpu",
     "VcpuExit",
+    "VcpuHost",
     "VcpuStop",
     "Vm",
     "boot_flat_image",

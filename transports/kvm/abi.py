@@ -1,10 +1,11 @@
-"""KVM userspace ABI for x86-64: ioctl numbers, constants and ctypes structures.
+"""The KVM user-space ABI for x86-64, mirroring ``linux/kvm.h``: ioctl numbers, constants and ctypes structures.
 
-Every number and layout here was checked against the kernel UAPI headers
-(``include/uapi/linux/kvm.h`` and ``arch/x86/include/uapi/asm/kvm.h``) by
-compiling a C program that prints ``offsetof``/``sizeof``/ioctl values;
-``tests/kvm/test_abi.py`` repeats that check whenever a C compiler and the
-headers are available.
+Names follow the kernel's (``KVM_RUN``, ``KVM_EXIT_IO``; ``struct kvm_regs``
+is :class:`KvmRegs`). Every number and layout was checked against the UAPI
+headers (``include/uapi/linux/kvm.h`` and ``arch/x86/include/uapi/asm/kvm.h``)
+by compiling a C program that prints ``offsetof``/``sizeof``/ioctl values;
+``tests/kvm/test_kvm_abi.py`` repeats that check whenever a C compiler and
+the headers are available.
 """
 
 from __future__ import annotations

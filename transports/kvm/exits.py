@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
-from . import _abi
+from . import abi
 
 __all__ = [
     "FailEntryExit",
     "HltExit",
     "InternalErrorExit",
     "InterruptedExit",
-    "IoDirection",
     "IoExit",
     "IrqWindowOpenExit",
     "MmioExit",
@@ -24,32 +22,21 @@ __all__ = [
 ]
 
 
-class IoDirection(enum.IntEnum):
-    """``kvm_run.io.direction``."""
-
-    IN = _abi.KVM_EXIT_IO_IN
-    OUT = _abi.KVM_EXIT_IO_OUT
-
-
 @dataclass(frozen=True, slots=True)
 class IoExit:
     """KVM_EXIT_IO: the guest executed IN/OUT/INS/OUTS on a port KVM does not own.
 
-    ``count * size`` data bytes live at ``data_offset`` in the vCPU's mmap
-    (``Vcpu.io_data``). For OUT/OUTS they hold what the guest wrote; for
-    IN/INS the VMM fills them and KVM consumes them on the next ``KVM_RUN``.
+    ``is_write`` is True for OUT/OUTS. ``count * size`` data bytes live at
+    ``data_offset`` in the vCPU's mmap (``Vcpu.read_io_data``). For OUT/OUTS
+    they hold what the guest wrote; for IN/INS the VMM fills them
+    (``Vcpu.write_io_data``) and KVM consumes them on the next ``KVM_RUN``.
     """
 
-    direction: IoDirection
+    is_write: bool
     size: int
     port: int
     count: int
     data_offset: int
-
-    @property
-    def is_in(self) -> bool:
-        """True for IN/INS (the VMM must supply data)."""
-        return self.direction is IoDirection.IN
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,32 +120,32 @@ _IRQ_WINDOW = IrqWindowOpenExit()
 INTERRUPTED = InterruptedExit()
 
 
-def decode_exit(run: _abi.KvmRun) -> VcpuExit:
+def decode_exit(run: abi.KvmRun) -> VcpuExit:
     """Build the typed exit for the reason currently in ``run``."""
     reason = run.exit_reason
-    if reason == _abi.KVM_EXIT_IO:
+    if reason == abi.KVM_EXIT_IO:
         io = run.io
-        return IoExit(IoDirection(io.direction), io.size, io.port, io.count, io.data_offset)
-    if reason == _abi.KVM_EXIT_HLT:
+        return IoExit(io.direction == abi.KVM_EXIT_IO_OUT, io.size, io.port, io.count, io.data_offset)
+    if reason == abi.KVM_EXIT_HLT:
         return _HLT
-    if reason == _abi.KVM_EXIT_MMIO:
+    if reason == abi.KVM_EXIT_MMIO:
         mmio = run.mmio
         length = min(mmio.len, 8)
         return MmioExit(mmio.phys_addr, bytes(mmio.data[:length]), bool(mmio.is_write))
-    if reason == _abi.KVM_EXIT_INTR:
+    if reason == abi.KVM_EXIT_INTR:
         return INTERRUPTED
-    if reason == _abi.KVM_EXIT_IRQ_WINDOW_OPEN:
+    if reason == abi.KVM_EXIT_IRQ_WINDOW_OPEN:
         return _IRQ_WINDOW
-    if reason == _abi.KVM_EXIT_SHUTDOWN:
+    if reason == abi.KVM_EXIT_SHUTDOWN:
         return _SHUTDOWN
-    if reason == _abi.KVM_EXIT_FAIL_ENTRY:
+    if reason == abi.KVM_EXIT_FAIL_ENTRY:
         fail = run.fail_entry
         return FailEntryExit(fail.hardware_entry_failure_reason, fail.cpu)
-    if reason == _abi.KVM_EXIT_INTERNAL_ERROR:
+    if reason == abi.KVM_EXIT_INTERNAL_ERROR:
         internal = run.internal
         ndata = min(internal.ndata, 16)
         return InternalErrorExit(internal.suberror, tuple(internal.data[:ndata]))
-    if reason == _abi.KVM_EXIT_SYSTEM_EVENT:
+    if reason == abi.KVM_EXIT_SYSTEM_EVENT:
         event = run.system_event
         ndata = min(event.ndata, 16)
         return SystemEventExit(event.type, tuple(event.data[:ndata]))

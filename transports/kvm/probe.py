@@ -1,11 +1,12 @@
-"""Measure how this host's KVM reports port I/O exits (``python -m transports.kvm.probe``).
+"""Measure how this host's KVM reports port I/O exits.
 
-Runs ``examples/guests/io_probe.bin`` and records, for every I/O exit, the
-registers KVM shows at the exit and, optionally, after the exit has been
-completed with ``immediate_exit`` (so without running further guest code).
-docs/KVM.md explains the results; they differ between KVM back ends (VMX
-fast path, SVM, the instruction emulator), which is why this is a tool and
-not a constant.
+``python -m transports.kvm.probe examples/guests/io_probe.bin`` runs the
+probe guest and records, for every I/O exit, the registers KVM shows at the
+exit and, optionally, after the exit has been completed with
+``immediate_exit`` (so without running further guest code). docs/KVM.md
+explains the results; they differ between KVM back ends (VMX fast path,
+SVM, the instruction emulator), which is why this is a tool and not a
+constant.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from .boot import boot_flat_image
 from .exits import HltExit, IoExit, VcpuExit
@@ -32,7 +34,7 @@ class ProbeExit:
     mode: str  # "real", "protected32" or "long64"
     case: int  # case id from the guest's record (see io_probe.asm)
     insn_addr: int  # address of the case's I/O instruction
-    direction: str  # "in" or "out"
+    is_write: bool  # OUT/OUTS
     size: int
     port: int
     count: int
@@ -74,13 +76,13 @@ def _iter_exits(vm: Vm, vcpu: Vcpu, complete: bool, max_exits: int) -> Iterator[
         regs = vcpu.get_regs()
         at_exit = (regs.rip, regs.rcx, regs.rsi, regs.rdi, regs.rax, regs.rflags)
         mode = _mode(vcpu)
-        if exit.is_in:
+        if exit.is_write:
+            data = vcpu.read_io_data(exit)
+        else:
             n = exit.size * exit.count
             data = bytes((fill + i) & 0xFF for i in range(n))
             fill = (fill + n) & 0xFF
             vcpu.write_io_data(exit, data)
-        else:
-            data = vcpu.read_io_data(exit)
         completed: tuple[int, int, int, int, int] | None = None
         if complete:
             vcpu.complete_pending_io()
@@ -90,7 +92,7 @@ def _iter_exits(vm: Vm, vcpu: Vcpu, complete: bool, max_exits: int) -> Iterator[
             mode=mode,
             case=case,
             insn_addr=insn,
-            direction="in" if exit.is_in else "out",
+            is_write=exit.is_write,
             size=exit.size,
             port=exit.port,
             count=exit.count,
@@ -103,12 +105,11 @@ def _iter_exits(vm: Vm, vcpu: Vcpu, complete: bool, max_exits: int) -> Iterator[
     raise RuntimeError(f"probe guest did not finish within {max_exits} exits")
 
 
-def run_probe(*, complete: bool = True, image: bytes | None = None, max_exits: int = 100_000) -> list[ProbeExit]:
-    """Run the probe guest once; ``complete`` adds the after-completion state to each exit."""
-    if image is None:
-        from examples.guests import guest_bytes  # deferred: examples is optional at run time
+def run_probe(image: bytes, *, complete: bool = True, max_exits: int = 100_000) -> list[ProbeExit]:
+    """Run the probe guest ``image`` (``examples/guests/io_probe``) once.
 
-        image = guest_bytes("io_probe")
+    ``complete`` adds the after-completion state to each exit.
+    """
     vm, vcpu = boot_flat_image(image)
     with vm:
         return list(_iter_exits(vm, vcpu, complete, max_exits))
@@ -132,17 +133,18 @@ def format_table(exits: list[ProbeExit], *, collapse: bool = True) -> str:
         rip, rcx, rsi, rdi, _rax, _fl = e.at_exit
         comp = e.completed
         after = "-" if comp is None else f"{_hex(comp[1])},{_hex(comp[2])},{_hex(comp[3])}"
-        rax = "-" if comp is None or e.direction == "out" else f"{_hex(e.before[3])} -> {_hex(comp[4])}"
+        rax = "-" if comp is None or e.is_write else f"{_hex(e.before[3])} -> {_hex(comp[4])}"
         count = f"{e.count}" + (f" (x{times} exits)" if times > 1 else "")
+        direction = "out" if e.is_write else "in"
         return (
-            f"| {e.mode} | {e.case} | {e.direction} | {e.size} | {e.port:#x} | {count} | {rip - e.insn_addr}"
+            f"| {e.mode} | {e.case} | {direction} | {e.size} | {e.port:#x} | {count} | {rip - e.insn_addr}"
             f" | {_hex(e.before[0])},{_hex(e.before[1])},{_hex(e.before[2])}"
             f" | {_hex(rcx)},{_hex(rsi)},{_hex(rdi)} | {_hex(e.rip_delta_completed)} | {after} | {rax} |"
         )
 
     pending: ProbeExit | None = None
     for e in exits:
-        key = (e.mode, e.case, e.direction, e.size, e.count, e.rip_delta_at_exit, e.rip_delta_completed)
+        key = (e.mode, e.case, e.is_write, e.size, e.count, e.rip_delta_at_exit, e.rip_delta_completed)
         if collapse and key == previous:
             repeat += 1
             continue
@@ -157,10 +159,11 @@ def format_table(exits: list[ProbeExit], *, collapse: bool = True) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Print the probe's table for this host."""
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("image", type=Path, help="the probe guest (examples/guests/io_probe.bin)")
     parser.add_argument("--no-complete", action="store_true", help="do not complete exits with immediate_exit")
     parser.add_argument("--all", action="store_true", help="one row per exit (no collapsing)")
     args = parser.parse_args(argv)
-    exits = run_probe(complete=not args.no_complete)
+    exits = run_probe(args.image.read_bytes(), complete=not args.no_complete)
     print(format_table(exits, collapse=not args.all))
 
 

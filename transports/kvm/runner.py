@@ -4,7 +4,8 @@ The thread does only what must happen beside ``KVM_RUN``: copy the exit's
 state out of ``kvm_run``, wait for the completion when the guest must not
 run on without it, apply it, and handle the exits that are not port I/O.
 Everything that touches device models (building the intercept, the
-dispatcher, interrupt acknowledge) runs on the event loop thread
+dispatcher, interrupt acknowledge) runs on the event loop thread, in the
+:class:`VcpuHost` that drives the runners
 (:class:`~transports.kvm.transport.KvmTransport`).
 
 Posted writes: a non-string ``OUT`` is complete as far as the guest can see
@@ -27,10 +28,13 @@ import queue
 import struct
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Any, Final, Protocol
 
-from . import _abi
+from dispatcher import BufferMemory
+
+from . import abi
 from .intercept import Action, IoCapture, PendingIo, PostedOut
 from .memory import LinearReader
 from .syncregs import (
@@ -44,14 +48,11 @@ from .syncregs import (
     parse_context,
     parse_events,
 )
-from .vm import Vcpu
+from .vm import MemoryRegion, Vcpu
 
-if TYPE_CHECKING:
-    from .transport import KvmTransport
+__all__ = ["StopReason", "VcpuHost", "VcpuRunner", "VcpuStop", "terminal_exit"]
 
-__all__ = ["StopReason", "VcpuRunner", "VcpuStop", "terminal_exit"]
-
-log = logging.getLogger("transports.kvm")
+log = logging.getLogger("intercept_dispatch.kvm")
 
 _HEADER = struct.Struct("<8xIBBHQ")  # exit_reason, ready_for_interrupt_injection, if_flag, flags, cr8
 _IO = struct.Struct("<BBHIQ")  # kvm_run.io at offset 32: direction, size, port, count, data_offset
@@ -60,10 +61,10 @@ _U64 = struct.Struct("<Q")
 _VALID_REGS_OFFSET, _DIRTY_REGS_OFFSET = 288, 296
 _REG_OFFSETS = tuple(REGS_OFFSET + 8 * i for i in (16, 0, 2, 4, 5))  # RIP, RAX, RCX, RSI, RDI
 _RF = 1 << 16
-_IN = _abi.KVM_EXIT_IO_IN
+_OUT = abi.KVM_EXIT_IO_OUT
 _OUT_DX, _OUT_IMM = (0xEE, 0xEF), (b"\xe6", b"\xe7")
 _EVENTS_END = EVENTS_OFFSET + 16
-_RUN, _EXIT_IO, _EXIT_MMIO, _EXIT_HLT = _abi.KVM_RUN, _abi.KVM_EXIT_IO, _abi.KVM_EXIT_MMIO, _abi.KVM_EXIT_HLT
+_RUN, _EXIT_IO, _EXIT_MMIO, _EXIT_HLT = abi.KVM_RUN, abi.KVM_EXIT_IO, abi.KVM_EXIT_MMIO, abi.KVM_EXIT_HLT
 MAX_POSTED: Final = 2048  # posted writes in flight before the thread waits (back-pressure): two loop batches
 
 
@@ -104,19 +105,55 @@ ACKNOWLEDGE: Final = _Signal.ACKNOWLEDGE
 FINISHED: Final = _Signal.FINISHED
 
 
-class VcpuRunner:
-    """The thread of one vCPU; created and driven by a :class:`KvmTransport`."""
+class VcpuHost(Protocol):
+    """What a :class:`VcpuRunner` needs from the loop side that drives it (a ``KvmTransport``).
 
-    def __init__(self, transport: KvmTransport, vcpu: Vcpu, *, posted_writes: bool, takes_interrupts: bool) -> None:
-        self.transport = transport
+    The runner's thread calls these; each must be safe from any thread.
+    """
+
+    def put(self, item: tuple[VcpuRunner, Any], *, urgent: bool = True) -> None:
+        """Queue an item for the loop: an :class:`IoCapture` or an acknowledge request.
+
+        A posted write is not ``urgent``: it may wait for a batch.
+        """
+
+    def wake_loop(self) -> None:
+        """Have the loop look at its queue now (the runner waits for its posted writes)."""
+
+    def runner_finished(self, runner: VcpuRunner) -> None:
+        """The runner's thread has ended; ``runner.result`` says why."""
+
+
+class VcpuRunner:
+    """The thread of one vCPU; created and driven by a :class:`VcpuHost`.
+
+    ``memory`` and ``regions`` are the VM's, for reading code and data at
+    guest-linear addresses; ``out_rip_advanced`` says how this host's KVM
+    reports an OUT (:func:`~transports.kvm.hostinfo.out_advances_rip`).
+    """
+
+    def __init__(
+        self,
+        host: VcpuHost,
+        vcpu: Vcpu,
+        *,
+        memory: BufferMemory,
+        regions: Sequence[MemoryRegion],
+        out_rip_advanced: bool,
+        posted_writes: bool,
+        takes_interrupts: bool,
+    ) -> None:
+        self.host = host
         self.vcpu = vcpu
         self.vp_index = vcpu.index
+        self.regions = tuple(regions)
+        self.out_rip_advanced = out_rip_advanced
         # Posting needs KVM to have finished the OUT at the exit (RIP past it), as kvm-pvm does.
-        self.posting = posted_writes and transport.out_rip_advanced
+        self.posting = posted_writes and out_rip_advanced
         self.takes_interrupts = takes_interrupts
         self.interrupt_level = False  # the INTR line into this vCPU, set on the loop thread
         self.window_requested = False  # KVM was asked to exit when the guest can take an interrupt
-        self.reader = LinearReader(transport.guest_memory, transport.vm.regions, vcpu.translate)
+        self.reader = LinearReader(memory, self.regions, vcpu.translate)
         self.inbox: queue.SimpleQueue[Action | _Signal | int | None] = queue.SimpleQueue()
         self.in_flight: deque[PendingIo | PostedOut] = deque()  # loop thread only
         # Posted writes: ``posted`` is counted by this thread, ``completed`` by the loop.
@@ -191,7 +228,7 @@ class VcpuRunner:
                 self._stop_taken = True  # whatever ended the thread, a later stop request changes nothing
             self.in_guest = False
             self.vcpu.unbind_thread()
-            self.transport.runner_finished(self)
+            self.host.runner_finished(self)
 
     def _rip(self) -> int:
         rip: int = _U64.unpack_from(self.vcpu.run_map, REGS_OFFSET + 8 * 16)[0]
@@ -206,7 +243,7 @@ class VcpuRunner:
         return VcpuStop(self.vp_index, reason, detail, self._rip())
 
     def _loop(self) -> VcpuStop:
-        vcpu, transport = self.vcpu, self.transport
+        vcpu = self.vcpu
         fd, m = vcpu.fd, vcpu.run_map
         _U64.pack_into(m, _VALID_REGS_OFFSET, SYNC_ALL)
         ioctl, header, io_struct, regs_unpack = (
@@ -216,8 +253,8 @@ class VcpuRunner:
             REGS_STRUCT.unpack_from,
         )
         read_upto, read_before, new_capture = self.reader.read_upto, self.reader.read_before, tuple.__new__
-        advanced, posting = transport.out_rip_advanced, self.posting
-        put = transport.put
+        advanced, posting = self.out_rip_advanced, self.posting
+        put = self.host.put
         while True:
             if self.stopping:
                 return self._stop_requested()
@@ -239,7 +276,8 @@ class VcpuRunner:
                 if m[SREGS_OFFSET:_EVENTS_END] != self._state_bytes:
                     self._new_context()
                 linear = (self._cs_base + regs[16]) & self._linear_mask
-                if direction == _IN:
+                is_write = direction == _OUT
+                if not is_write:
                     code_at, code_before, data, plain_out = read_upto(linear, 16), b"", b"", False
                 else:
                     # The 15 bytes before RIP, straight from the slot when the guest does not page (the usual case).
@@ -259,7 +297,7 @@ class VcpuRunner:
                     code_at = b"" if plain_out and advanced else read_upto(linear, 16)
                     data = m[data_offset : data_offset + size * count]
                 shadow, pending = self._events
-                capture = new_capture(IoCapture, (direction == _IN, size, port, count, regs, self.context, shadow,
+                capture = new_capture(IoCapture, (is_write, size, port, count, regs, self.context, shadow,
                                                   pending, cr8, data, code_at, code_before, plain_out,
                                                   self.generation))  # fmt: skip
                 if posting and plain_out:
@@ -297,11 +335,11 @@ class VcpuRunner:
             return None
         if reason == _EXIT_HLT:
             return self._halt(if_flag)
-        if reason == _abi.KVM_EXIT_IRQ_WINDOW_OPEN:
+        if reason == abi.KVM_EXIT_IRQ_WINDOW_OPEN:
             run.request_interrupt_window = 0
             self.window_requested = False
             return None
-        if reason == _abi.KVM_EXIT_INTR:
+        if reason == abi.KVM_EXIT_INTR:
             return None
         self._fence()
         stop_reason, detail = terminal_exit(run)
@@ -324,7 +362,7 @@ class VcpuRunner:
         # Remember the memory slot holding ``linear`` while the guest does not page: code is read from it directly.
         if self.reader.paging:
             return
-        for slot in self.transport.vm.regions:
+        for slot in self.regions:
             if slot.contains(linear):
                 self._code_start, self._code_size, self._code_buffer = slot.guest_phys_addr, slot.size, slot.mem
                 return
@@ -345,7 +383,7 @@ class VcpuRunner:
         if self.posted == self.completed:
             return
         self.fencing = True
-        self.transport.wake_loop()
+        self.host.wake_loop()
         try:
             while self.posted != self.completed and not self.stopping:
                 self.inbox.get()
@@ -375,7 +413,7 @@ class VcpuRunner:
             self.window_requested = True
             return
         self._fence()
-        self.transport.put((self, ACKNOWLEDGE))  # the interrupt acknowledge cycle runs on the loop thread
+        self.host.put((self, ACKNOWLEDGE))  # the interrupt acknowledge cycle runs on the loop thread
         while True:
             message = self.inbox.get()
             if isinstance(message, int) or message is None:
@@ -413,24 +451,24 @@ class VcpuRunner:
         for offset, value in zip(_REG_OFFSETS, values, strict=True):
             _U64.pack_into(m, offset, value)
         dirty = _U64.unpack_from(m, _DIRTY_REGS_OFFSET)[0]
-        _U64.pack_into(m, _DIRTY_REGS_OFFSET, dirty | _abi.KVM_SYNC_X86_REGS)
+        _U64.pack_into(m, _DIRTY_REGS_OFFSET, dirty | abi.KVM_SYNC_X86_REGS)
 
 
-def terminal_exit(run: _abi.KvmRun) -> tuple[StopReason, str]:
+def terminal_exit(run: abi.KvmRun) -> tuple[StopReason, str]:
     """Why an exit that ends the vCPU does so, in words, from ``kvm_run`` as KVM left it."""
     reason = run.exit_reason
-    if reason == _abi.KVM_EXIT_SHUTDOWN:
+    if reason == abi.KVM_EXIT_SHUTDOWN:
         return StopReason.SHUTDOWN, "KVM_EXIT_SHUTDOWN: triple fault (or an unrecoverable fault)"
-    if reason == _abi.KVM_EXIT_FAIL_ENTRY:
+    if reason == abi.KVM_EXIT_FAIL_ENTRY:
         fail = run.fail_entry
         return StopReason.FAIL_ENTRY, (
             f"KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {fail.hardware_entry_failure_reason:#x} "
             f"on CPU {fail.cpu}"
         )
-    if reason == _abi.KVM_EXIT_INTERNAL_ERROR:
+    if reason == abi.KVM_EXIT_INTERNAL_ERROR:
         internal = run.internal
         data = ", ".join(f"{d:#x}" for d in internal.data[: min(internal.ndata, 16)])
         return StopReason.INTERNAL_ERROR, f"KVM_EXIT_INTERNAL_ERROR: suberror {internal.suberror} [{data}]"
-    if reason == _abi.KVM_EXIT_SYSTEM_EVENT:
+    if reason == abi.KVM_EXIT_SYSTEM_EVENT:
         return StopReason.SYSTEM_EVENT, f"KVM_EXIT_SYSTEM_EVENT: type {run.system_event.type}"
     return StopReason.ERROR, f"exit reason {reason}, which this VMM does not handle"

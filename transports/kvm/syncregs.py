@@ -20,10 +20,12 @@ import struct
 from typing import Final, NamedTuple
 
 from dispatcher import SegmentAttributes, SegmentRegister
+from dispatcher.x86 import code_size
 
-from . import _abi
+from . import abi
 
 __all__ = [
+    "CONTEXT_SIZE",
     "EVENTS_OFFSET",
     "REGS_OFFSET",
     "REGS_STRUCT",
@@ -32,12 +34,13 @@ __all__ = [
     "CpuContext",
     "RegisterIndex",
     "parse_context",
+    "parse_events",
 ]
 
-REGS_OFFSET: Final = _abi.KVM_RUN_SYNC_REGS_OFFSET
+REGS_OFFSET: Final = abi.KVM_RUN_SYNC_REGS_OFFSET
 SREGS_OFFSET: Final = REGS_OFFSET + 144
 EVENTS_OFFSET: Final = SREGS_OFFSET + 312
-SYNC_ALL: Final = _abi.KVM_SYNC_X86_REGS | _abi.KVM_SYNC_X86_SREGS | _abi.KVM_SYNC_X86_EVENTS
+SYNC_ALL: Final = abi.KVM_SYNC_X86_REGS | abi.KVM_SYNC_X86_SREGS | abi.KVM_SYNC_X86_EVENTS
 
 REGS_STRUCT: Final = struct.Struct("<18Q")  # rax rbx rcx rdx rsi rdi rsp rbp r8-r15 rip rflags
 CONTEXT_SIZE: Final = 272  # kvm_sregs up to and including EFER: all that CpuContext depends on
@@ -63,6 +66,7 @@ _EVENTS = struct.Struct("<B7xBxxBBxxx")  # exception.injected, interrupt.injecte
 
 _CR0_PE, _CR0_AM, _CR0_PG = 1, 1 << 18, 1 << 31
 _EFER_LMA = 1 << 10
+_STATE_LMA = 1 << 4  # EFER.LMA's bit in the intercept's ExecutionState
 
 
 class CpuContext(NamedTuple):
@@ -97,9 +101,7 @@ class CpuContext(NamedTuple):
     @property
     def code_bits(self) -> int:
         """16, 32 or 64: the default operand and address size of the code."""
-        if self.efer & _EFER_LMA and self.cs.attributes & 0x2000:
-            return 64
-        return 32 if self.cs.attributes & 0x4000 else 16
+        return code_size(_STATE_LMA if self.efer & _EFER_LMA else 0, self.cs.attributes)
 
     def execution_state(self, *, interrupt_shadow: bool, interruption_pending: bool) -> int:
         """The intercept's ExecutionState word (CPL, CR0.PE, CR0.AM, EFER.LMA, shadow, pending)."""
@@ -107,7 +109,7 @@ class CpuContext(NamedTuple):
             self.cpl
             | bool(self.cr0 & _CR0_PE) << 2
             | bool(self.cr0 & _CR0_AM) << 3
-            | bool(self.efer & _EFER_LMA) << 4
+            | (_STATE_LMA if self.efer & _EFER_LMA else 0)
             | interruption_pending << 6
             | interrupt_shadow << 12
         )

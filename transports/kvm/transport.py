@@ -4,7 +4,7 @@
 
     vm = Vm(); vm.add_ram(0, 2 << 20); vcpu = vm.create_vcpu(); ...
     transport = KvmTransport(vm, [vcpu])
-    dispatcher = transport.dispatcher(router)      # guest memory, translation and segments wired in
+    dispatcher = Dispatcher(router)                # string I/O uses transport.guest: memory, translation, segments
     await dispatcher.serve(transport)              # returns when every vCPU has stopped
     print(transport.stops)                         # why each one stopped
 
@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import anyio
 
-from dispatcher import Dispatcher, Registers, Router, SegmentRegister, Transport, TransportError
+from dispatcher import FrameError, Guest, Registers, Segment, SegmentRegister, Transport, TransportError
 
 from .handoff import HandoffMethod, ThreadToLoop
 from .hostinfo import out_advances_rip
@@ -50,7 +50,7 @@ from .vm import KVM_PATH, KvmError, Vcpu, Vm
 
 __all__ = ["InterruptController", "KvmTransport", "RemoteInterruptController"]
 
-log = logging.getLogger("transports.kvm")
+log = logging.getLogger("intercept_dispatch.kvm")
 
 # Posted writes wake the loop in batches: every wake-up makes the two threads trade the GIL, and on this
 # host out_loop ran at 0.57x the bare loop with batches of 256, 0.72x with 512 and 0.78x with 1024
@@ -89,7 +89,15 @@ class KvmTransport(Transport):
     vCPU (see :mod:`transports.kvm.runner`). ``handoff`` picks how vCPU
     threads wake the loop (:mod:`transports.kvm.handoff`). ``stops`` lists,
     once each thread has ended, why.
+
+    :attr:`guest` carries the VM's memory, a translation hook and the vCPUs'
+    segments, so a :class:`~dispatcher.Dispatcher` serving this transport
+    does string I/O on the guest's own memory. :meth:`stop_reading` (the
+    dispatcher's graceful stop) stops every vCPU; the intercepts that had
+    arrived are still delivered, then the stream ends.
     """
+
+    stops_reading: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -109,7 +117,8 @@ class KvmTransport(Transport):
         self.partition = partition
         self.interrupts = interrupts if isinstance(interrupts, InterruptController) else None
         self._remote_interrupts = interrupts if isinstance(interrupts, RemoteInterruptController) else None
-        self.guest_memory = vm_memory(vm)
+        memory = vm_memory(vm)
+        self._guest = Guest(memory, translate=self.translate, segments=self.segments)
         self.out_rip_advanced = out_advances_rip(kvm_path)
         self.stops: list[VcpuStop] = []
         self.intercepts = 0
@@ -117,9 +126,10 @@ class KvmTransport(Transport):
         self.slow_completions = 0
         self._queue: ThreadToLoop[tuple[VcpuRunner, Any]] = ThreadToLoop(handoff, batch=_POSTED_BATCH)
         self._runners = {
-            v.index: VcpuRunner(self, v, posted_writes=posted_writes, takes_interrupts=interrupts is not None)
+            v.index: VcpuRunner(self, v, memory=memory, regions=vm.regions, out_rip_advanced=self.out_rip_advanced,
+                                posted_writes=posted_writes, takes_interrupts=interrupts is not None)
             for v in vcpus
-        }
+        }  # fmt: skip
         self._builders = {
             index: FrameBuilder(vp_index=index, partition=partition, out_rip_advanced=self.out_rip_advanced,
                                 read_linear=runner.reader.read)
@@ -133,9 +143,10 @@ class KvmTransport(Transport):
     def runners(self) -> list[VcpuRunner]:
         return list(self._runners.values())
 
-    def dispatcher(self, router: Router, **options: Any) -> Dispatcher:
-        """A :class:`~dispatcher.Dispatcher` for ``router`` with this VM's memory, translation and segments."""
-        return Dispatcher(router, memory=self.guest_memory, translate=self.translate, segments=self.segments, **options)
+    @property
+    def guest(self) -> Guest:
+        """The VM's memory (its slots; ROM read-only), :meth:`translate` and :meth:`segments`."""
+        return self._guest
 
     # -- from the threads ---------------------------------------------------------------------
 
@@ -165,6 +176,10 @@ class KvmTransport(Transport):
         """Stop every vCPU; :meth:`receive_batch` returns an empty batch once all have."""
         for runner in self._runners.values():
             runner.stop(detail)
+
+    def stop_reading(self) -> None:
+        """The dispatcher's graceful stop: :meth:`stop` every vCPU."""
+        self.stop("the dispatcher stopped")
 
     # -- the dispatcher's side ----------------------------------------------------------------
 
@@ -245,35 +260,36 @@ class KvmTransport(Transport):
     async def send_batch(self, frames: Sequence[bytes]) -> None:
         for frame in frames:
             try:
-                fields = read_completion(frame)
-            except KvmError as error:
-                raise TransportError(f"KVM transport: {error}") from error
-            runner = self._runners.get(fields.vp_index)
-            if runner is None or fields.partition != self.partition or not runner.in_flight:
+                completion = read_completion(frame)
+            except FrameError as error:
+                raise TransportError(f"KVM transport: not a completion: {error}") from error
+            runner = self._runners.get(completion.vp_index)
+            if runner is None or completion.source_partition != self.partition or not runner.in_flight:
                 log.warning("completion for partition %d, VP %#x, which has nothing in flight",
-                            fields.partition, fields.vp_index)  # fmt: skip
+                            completion.source_partition, completion.vp_index)  # fmt: skip
                 continue
             pending = runner.in_flight.popleft()
             if isinstance(pending, PostedOut):
                 runner.completed += 1
                 next_rip, rax, port, at = pending
-                named, (rip, new_rax) = fields.registers, fields.values[:2]
+                named, rip = int(completion.registers), completion.rip  # a plain int: IntFlag arithmetic is slow
                 if (
-                    fields.status in REFUSED
+                    completion.status in REFUSED
                     or named & _NOT_OUT
                     or named & _RIP_BIT == 0
                     or rip != next_rip
-                    or (named & _RAX_BIT and new_rax != rax)
+                    or (named & _RAX_BIT and completion.rax != rax)
                 ):
                     runner.stop(
                         f"the completion of a posted OUT to port {port:#x} at RIP {at:#x} asks for a state the "
-                        f"guest has already left (status {fields.status}, registers {named:#x}, RIP {rip:#x})",
+                        f"guest has already left (status {int(completion.status)}, registers {named:#x}, "
+                        f"RIP {rip:#x})",
                         StopReason.ERROR,
                     )
                 elif runner.fencing and runner.completed == runner.posted:
                     runner.inbox.put(WAKE)
                 continue
-            action = plan_completion(pending, fields, self._read_chunk)
+            action = plan_completion(pending, completion, self._read_chunk)
             self.slow_completions += action.registers is not None
             runner.inbox.put(action)
 
@@ -309,8 +325,8 @@ class KvmTransport(Transport):
         runner = self._runners.get(vp_index)
         return runner.reader.physical(linear) if runner is not None else None
 
-    def segments(self, partition: int, vp_index: int, segment: int) -> SegmentRegister | None:
-        """The VP's ES, CS, SS, DS, FS or GS (numbered as the x86 encodes them) as of its last exit."""
+    def segments(self, partition: int, vp_index: int, segment: Segment) -> SegmentRegister | None:
+        """The VP's ES, CS, SS, DS, FS or GS as of its last exit."""
         runner = self._runners.get(vp_index)
         context = runner.context if runner is not None else None
         if context is None or not 0 <= segment <= 5:

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
 
-from . import _abi
+from dispatcher import DispatchError
+
+from . import abi
 from .exits import INTERRUPTED, IoExit, VcpuExit, decode_exit
 
 __all__ = [
@@ -51,7 +53,7 @@ _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 _libc.ioctl.restype = ctypes.c_int
 
 
-class KvmError(Exception):
+class KvmError(DispatchError):
     """A KVM operation failed."""
 
 
@@ -74,13 +76,13 @@ def _open_kvm(path: str) -> int:
     except OSError as exc:
         raise KvmUnavailableError(f"cannot open {path}: {exc.strerror}") from exc
     try:
-        version = fcntl.ioctl(fd, _abi.KVM_GET_API_VERSION, 0)
+        version = fcntl.ioctl(fd, abi.KVM_GET_API_VERSION, 0)
     except OSError as exc:
         os.close(fd)
         raise KvmUnavailableError(f"{path}: KVM_GET_API_VERSION failed: {exc.strerror}") from exc
-    if version != _abi.KVM_API_VERSION:
+    if version != abi.KVM_API_VERSION:
         os.close(fd)
-        raise KvmUnavailableError(f"{path}: KVM API version {version}, expected {_abi.KVM_API_VERSION}")
+        raise KvmUnavailableError(f"{path}: KVM API version {version}, expected {abi.KVM_API_VERSION}")
     return fd
 
 
@@ -149,12 +151,12 @@ class Vm:
         self._next_slot = 0
         self._supported_cpuid: ctypes.Structure | None = None
         try:
-            self._fd = fcntl.ioctl(self._kvm_fd, _abi.KVM_CREATE_VM, 0)
-            self.vcpu_mmap_size: int = fcntl.ioctl(self._kvm_fd, _abi.KVM_GET_VCPU_MMAP_SIZE, 0)
-            if self.check_extension(_abi.KVM_CAP_SET_TSS_ADDR):
-                _ioctl_ulong(self._fd, _abi.KVM_SET_TSS_ADDR, _TSS_ADDR)
-            if self.check_extension(_abi.KVM_CAP_SET_IDENTITY_MAP_ADDR):
-                fcntl.ioctl(self._fd, _abi.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(_IDENTITY_MAP_ADDR))
+            self._fd = fcntl.ioctl(self._kvm_fd, abi.KVM_CREATE_VM, 0)
+            self.vcpu_mmap_size: int = fcntl.ioctl(self._kvm_fd, abi.KVM_GET_VCPU_MMAP_SIZE, 0)
+            if self.check_extension(abi.KVM_CAP_SET_TSS_ADDR):
+                _ioctl_ulong(self._fd, abi.KVM_SET_TSS_ADDR, _TSS_ADDR)
+            if self.check_extension(abi.KVM_CAP_SET_IDENTITY_MAP_ADDR):
+                fcntl.ioctl(self._fd, abi.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(_IDENTITY_MAP_ADDR))
         except OSError as exc:
             self.close()
             raise KvmError(f"creating the VM failed: {exc}") from exc
@@ -203,7 +205,7 @@ class Vm:
 
     def check_extension(self, cap: int) -> int:
         """``KVM_CHECK_EXTENSION`` on /dev/kvm: 0 if unsupported, else a cap-specific value."""
-        result: int = fcntl.ioctl(self._kvm_fd, _abi.KVM_CHECK_EXTENSION, cap)
+        result: int = fcntl.ioctl(self._kvm_fd, abi.KVM_CHECK_EXTENSION, cap)
         return result
 
     def supported_cpuid(self) -> ctypes.Structure:
@@ -211,10 +213,10 @@ class Vm:
         if self._supported_cpuid is None:
             nent = 64
             while True:
-                cpuid = _abi.kvm_cpuid2_type(nent)()
+                cpuid = abi.kvm_cpuid2_type(nent)()
                 cpuid.nent = nent
                 try:
-                    fcntl.ioctl(self._kvm_fd, _abi.KVM_GET_SUPPORTED_CPUID, cpuid)
+                    fcntl.ioctl(self._kvm_fd, abi.KVM_GET_SUPPORTED_CPUID, cpuid)
                 except OSError as exc:
                     if exc.errno == errno.E2BIG and nent < 4096:
                         nent *= 2
@@ -242,7 +244,7 @@ class Vm:
 
         Needs ``KVM_CAP_READONLY_MEM``; guest writes to it exit as ``MmioExit``.
         """
-        if not self.check_extension(_abi.KVM_CAP_READONLY_MEM):
+        if not self.check_extension(abi.KVM_CAP_READONLY_MEM):
             raise KvmError("this KVM does not support read-only memory slots (KVM_CAP_READONLY_MEM)")
         if size is None:
             size = max(PAGE_SIZE, -(-len(image) // PAGE_SIZE) * PAGE_SIZE)
@@ -274,15 +276,15 @@ class Vm:
         address = ctypes.addressof(view)
         del view
         slot = self._next_slot
-        desc = _abi.KvmUserspaceMemoryRegion(
+        desc = abi.KvmUserspaceMemoryRegion(
             slot=slot,
-            flags=_abi.KVM_MEM_READONLY if readonly else 0,
+            flags=abi.KVM_MEM_READONLY if readonly else 0,
             guest_phys_addr=gpa,
             memory_size=size,
             userspace_addr=address,
         )
         try:
-            fcntl.ioctl(self._fd, _abi.KVM_SET_USER_MEMORY_REGION, desc)
+            fcntl.ioctl(self._fd, abi.KVM_SET_USER_MEMORY_REGION, desc)
         except OSError as exc:
             mem.close()
             os.close(fd)
@@ -355,7 +357,7 @@ class Vcpu:
         if threading.current_thread() is threading.main_thread():
             install_kick_handler(self._kick_signal)
         try:
-            self._fd: int = fcntl.ioctl(vm.fd, _abi.KVM_CREATE_VCPU, index)
+            self._fd: int = fcntl.ioctl(vm.fd, abi.KVM_CREATE_VCPU, index)
         except OSError as exc:
             raise KvmError(f"KVM_CREATE_VCPU {index} failed: {exc}") from exc
         try:
@@ -365,7 +367,7 @@ class Vcpu:
         except OSError:
             os.close(self._fd)
             raise
-        self.kvm_run: _abi.KvmRun = _abi.KvmRun.from_buffer(self._run_map)
+        self.kvm_run: abi.KvmRun = abi.KvmRun.from_buffer(self._run_map)
         self._runner: int | None = None
         self._runner_lock = threading.Lock()
         self.set_cpuid(vm.supported_cpuid())
@@ -391,29 +393,29 @@ class Vcpu:
 
     # --- registers ---
 
-    def get_regs(self) -> _abi.KvmRegs:
+    def get_regs(self) -> abi.KvmRegs:
         """``KVM_GET_REGS``."""
-        regs = _abi.KvmRegs()
-        fcntl.ioctl(self._fd, _abi.KVM_GET_REGS, regs)
+        regs = abi.KvmRegs()
+        fcntl.ioctl(self._fd, abi.KVM_GET_REGS, regs)
         return regs
 
-    def set_regs(self, regs: _abi.KvmRegs) -> None:
+    def set_regs(self, regs: abi.KvmRegs) -> None:
         """``KVM_SET_REGS``. Not between an I/O exit and the next ``run`` (see docs/KVM.md)."""
-        fcntl.ioctl(self._fd, _abi.KVM_SET_REGS, regs)
+        fcntl.ioctl(self._fd, abi.KVM_SET_REGS, regs)
 
-    def get_sregs(self) -> _abi.KvmSregs:
+    def get_sregs(self) -> abi.KvmSregs:
         """``KVM_GET_SREGS``."""
-        sregs = _abi.KvmSregs()
-        fcntl.ioctl(self._fd, _abi.KVM_GET_SREGS, sregs)
+        sregs = abi.KvmSregs()
+        fcntl.ioctl(self._fd, abi.KVM_GET_SREGS, sregs)
         return sregs
 
-    def set_sregs(self, sregs: _abi.KvmSregs) -> None:
+    def set_sregs(self, sregs: abi.KvmSregs) -> None:
         """``KVM_SET_SREGS``."""
-        fcntl.ioctl(self._fd, _abi.KVM_SET_SREGS, sregs)
+        fcntl.ioctl(self._fd, abi.KVM_SET_SREGS, sregs)
 
     def set_cpuid(self, cpuid: ctypes.Structure) -> None:
         """``KVM_SET_CPUID2``; long mode needs at least the LM bit from here."""
-        fcntl.ioctl(self._fd, _abi.KVM_SET_CPUID2, cpuid)
+        fcntl.ioctl(self._fd, abi.KVM_SET_CPUID2, cpuid)
 
     # --- running ---
 
@@ -422,7 +424,7 @@ class Vcpu:
         with self._runner_lock:
             self._runner = threading.get_ident()
         try:
-            fcntl.ioctl(self._fd, _abi.KVM_RUN, 0)
+            fcntl.ioctl(self._fd, abi.KVM_RUN, 0)
         except InterruptedError:
             # A kick (signal and/or immediate_exit) arrived; clear it so the
             # next run() enters the guest again.
@@ -454,7 +456,7 @@ class Vcpu:
         """
         self.kvm_run.immediate_exit = 1
         try:
-            fcntl.ioctl(self._fd, _abi.KVM_RUN, 0)
+            fcntl.ioctl(self._fd, abi.KVM_RUN, 0)
         except InterruptedError:
             pass
         finally:
@@ -504,8 +506,8 @@ class Vcpu:
 
     def translate(self, linear_address: int) -> int | None:
         """Guest-physical address for ``linear_address`` under the current paging, or None if unmapped."""
-        tr = _abi.KvmTranslation(linear_address=linear_address)
-        fcntl.ioctl(self._fd, _abi.KVM_TRANSLATE, tr)
+        tr = abi.KvmTranslation(linear_address=linear_address)
+        fcntl.ioctl(self._fd, abi.KVM_TRANSLATE, tr)
         return int(tr.physical_address) if tr.valid else None
 
     # --- interrupts ---
@@ -533,4 +535,4 @@ class Vcpu:
         """``KVM_INTERRUPT``: queue external interrupt ``vector`` (no in-kernel irqchip)."""
         if not 0 <= vector <= 255:
             raise ValueError(f"interrupt vector {vector} out of range")
-        fcntl.ioctl(self._fd, _abi.KVM_INTERRUPT, _abi.KvmInterrupt(irq=vector))
+        fcntl.ioctl(self._fd, abi.KVM_INTERRUPT, abi.KvmInterrupt(irq=vector))
