@@ -48,6 +48,8 @@ from .wire import (
     Registers,
     Status,
     decode_completion,
+    frame_ids,
+    message_type,
 )
 from .x86 import InstructionError, IoInstruction, Segment, decode_io_instruction, encode_io_instruction
 
@@ -119,7 +121,9 @@ __all__ = [
     "decode_message",
     "encode_announcement",
     "encode_io_instruction",
+    "frame_ids",
     "identity_translation",
+    "message_type",
     "on_bulk",
     "on_port",
 ]

@@ -16,11 +16,18 @@ flight per VP: a posted write leaves several.
 
 from __future__ import annotations
 
-import struct
-
 import anyio
 
-from dispatcher import ANNOUNCEMENT, COMPLETION, Completion, Status, TransportError, decode_completion
+from dispatcher import (
+    ANNOUNCEMENT,
+    COMPLETION,
+    Completion,
+    Status,
+    TransportError,
+    decode_completion,
+    frame_ids,
+    message_type,
+)
 from transports.kvm import KvmTransport
 from transports.service import io_intercept
 from transports.shared_memory import share_region
@@ -30,8 +37,6 @@ from .pc_kvm import Outcome, PcConfig, PcResult, build_vm
 from .pc_remote_devices import ACK, CONSOLE, EXIT, NEXT_DUE, PLATFORM_BASE, PLATFORM_VP
 
 __all__ = ["RemotePlatform", "forward", "run_remote_pc", "share_memory"]
-
-_VP = struct.Struct("<I")
 
 
 class RemotePlatform:
@@ -76,12 +81,12 @@ async def _receive(connection: UnixTransport, platform: RemotePlatform | None, t
         while frames := await connection.receive_batch():
             for_vcpus = []
             for frame in frames:
-                kind = int.from_bytes(frame[:4], "little")
+                kind = message_type(frame)
                 if kind == ANNOUNCEMENT:
                     continue
                 if kind != COMPLETION:
                     raise TransportError(f"the service sent a frame of type {kind:#x}")
-                if platform is not None and _VP.unpack_from(frame, 16)[0] == PLATFORM_VP:
+                if platform is not None and frame_ids(frame)[1] == PLATFORM_VP:
                     platform.deliver(decode_completion(frame))
                 else:
                     for_vcpus.append(frame)

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 from dispatcher import BufferMemory, GuestMemoryError
 
-from .vm import PAGE_SIZE, MemoryRegion, Vm
+from .vm import PAGE_SIZE, MemorySlot, Vm
 
 __all__ = ["LinearReader", "vm_memory"]
 
@@ -32,7 +32,7 @@ class LinearReader:
     """
 
     def __init__(
-        self, memory: BufferMemory, slots: Sequence[MemoryRegion], translate: Callable[[int], int | None]
+        self, memory: BufferMemory, slots: Sequence[MemorySlot], translate: Callable[[int], int | None]
     ) -> None:
         self.memory = memory
         self.translate = translate

@@ -48,7 +48,7 @@ from .syncregs import (
     parse_context,
     parse_events,
 )
-from .vm import MemoryRegion, Vcpu
+from .vm import MemorySlot, Vcpu
 
 __all__ = ["StopReason", "VcpuHost", "VcpuRunner", "VcpuStop", "terminal_exit"]
 
@@ -138,7 +138,7 @@ class VcpuRunner:
         vcpu: Vcpu,
         *,
         memory: BufferMemory,
-        regions: Sequence[MemoryRegion],
+        regions: Sequence[MemorySlot],
         out_rip_advanced: bool,
         posted_writes: bool,
         takes_interrupts: bool,

@@ -29,7 +29,7 @@ __all__ = [
     "PAGE_SIZE",
     "KvmError",
     "KvmUnavailableError",
-    "MemoryRegion",
+    "MemorySlot",
     "Vcpu",
     "Vm",
     "install_kick_handler",
@@ -115,7 +115,7 @@ def _kick_handler_installed(signum: int) -> bool:
 
 
 @dataclass(eq=False)
-class MemoryRegion:
+class MemorySlot:
     """One KVM memory slot backed by a memfd (shareable with another process).
 
     ``mem`` is the VMM's read-write mapping; a ``readonly`` slot is read-only
@@ -146,7 +146,7 @@ class Vm:
     def __init__(self, path: str = KVM_PATH) -> None:
         self._kvm_fd = _open_kvm(path)
         self._fd = -1
-        self._regions: list[MemoryRegion] = []
+        self._regions: list[MemorySlot] = []
         self._vcpus: list[Vcpu] = []
         self._next_slot = 0
         self._supported_cpuid: ctypes.Structure | None = None
@@ -229,17 +229,15 @@ class Vm:
     # --- memory ---
 
     @property
-    def regions(self) -> tuple[MemoryRegion, ...]:
+    def regions(self) -> tuple[MemorySlot, ...]:
         """The memory slots, in creation order."""
         return tuple(self._regions)
 
-    def add_ram(self, guest_phys_addr: int, size: int, *, name: str = "ram") -> MemoryRegion:
+    def add_ram(self, guest_phys_addr: int, size: int, *, name: str = "ram") -> MemorySlot:
         """Map ``size`` bytes of zeroed, guest-writable RAM at ``guest_phys_addr``."""
         return self._add_region(guest_phys_addr, size, readonly=False, name=name)
 
-    def add_rom(
-        self, guest_phys_addr: int, image: bytes, *, size: int | None = None, name: str = "rom"
-    ) -> MemoryRegion:
+    def add_rom(self, guest_phys_addr: int, image: bytes, *, size: int | None = None, name: str = "rom") -> MemorySlot:
         """Map a guest-read-only region holding ``image`` (padded to ``size``, default a page multiple).
 
         Needs ``KVM_CAP_READONLY_MEM``; guest writes to it exit as ``MmioExit``.
@@ -253,7 +251,7 @@ class Vm:
         region = self._add_region(guest_phys_addr, size, readonly=True, name=name, image=image)
         return region
 
-    def _add_region(self, gpa: int, size: int, *, readonly: bool, name: str, image: bytes = b"") -> MemoryRegion:
+    def _add_region(self, gpa: int, size: int, *, readonly: bool, name: str, image: bytes = b"") -> MemorySlot:
         if self.closed:
             raise KvmError("the VM is closed")
         if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
@@ -290,13 +288,13 @@ class Vm:
             os.close(fd)
             raise KvmError(f"KVM_SET_USER_MEMORY_REGION for {name!r} failed: {exc}") from exc
         self._next_slot += 1
-        region = MemoryRegion(slot, gpa, size, readonly, name, fd, mem)
+        region = MemorySlot(slot, gpa, size, readonly, name, fd, mem)
         self._regions.append(region)
         return region
 
-    def _pieces(self, gpa: int, length: int) -> list[tuple[MemoryRegion, int, int]]:
+    def _pieces(self, gpa: int, length: int) -> list[tuple[MemorySlot, int, int]]:
         """Split ``[gpa, gpa+length)`` into (region, offset, length) pieces; all must be mapped."""
-        pieces: list[tuple[MemoryRegion, int, int]] = []
+        pieces: list[tuple[MemorySlot, int, int]] = []
         while length > 0:
             for region in self._regions:
                 if region.guest_phys_addr <= gpa < region.end:
