@@ -238,7 +238,7 @@ class Engine:
             job = self._port(partition, vp, length_cr8, access_type, state, cs_attributes, rip, port, access_info, rax,
                              key, out)  # fmt: skip
         if job is not None:
-            self._waiting[key] = deque()
+            self._waiting.setdefault(key, deque())  # a queued frame keeps the VP's queue behind it
         return job
 
     def _port(self, partition: int, vp: int, length_cr8: int, access_type: int, state: int, cs_attributes: int,

@@ -246,3 +246,23 @@ def test_inline_fast_path_matches_the_general_path(accesses: list[tuple[int, int
     fast, _ = Engine(make_router()).receive(frames)
     general, _ = Engine(make_router(), inline=False).receive(frames)
     assert fast == general
+
+
+def test_async_intercepts_queued_behind_an_async_job_all_complete_in_order() -> None:
+    # Each finish() hands back the VP's next job while the rest of its queue keeps waiting behind it.
+    router = Router()
+
+    async def read(access: PortAccess) -> int:
+        return access.port
+
+    router.add(read, 0x100, 4)
+    engine = Engine(router, deadline=None)
+    out, jobs = engine.receive([frame(0x100 + i) for i in range(4)])
+    assert not out and len(jobs) == 1
+    completions: list[int] = []
+    while jobs:
+        (job,) = jobs
+        more, jobs = engine.finish(job, [job.steps[0].access.port])
+        completions += [decode_completion(c).rax & 0xFF for c in more]
+    assert completions == [0x00, 0x01, 0x02, 0x03]
+    assert not engine.busy

@@ -56,9 +56,10 @@ from dispatcher import (
     identity_translation,
 )
 
+from .conformance import check_transport
 from .memory import memory_transport_pair
 
-__all__ = ["CompletionError", "CpuMode", "FakePartition", "FakeVP"]
+__all__ = ["CompletionError", "CpuMode", "FakePartition", "FakeVP", "check_transport"]
 
 
 class CpuMode(enum.Enum):
