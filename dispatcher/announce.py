@@ -52,13 +52,6 @@ def decode_announcement(data: bytes | bytearray | memoryview) -> tuple[Sequence[
     Raises a :class:`~dispatcher.FrameError` naming the field, its offset and value.
     """
     payload_size = check_header(data, _KNOWN)
-    if payload_size < _FIXED:
-        raise FieldValueError(
-            f"an announcement needs at least {_FIXED} payload bytes",
-            field="payload_size",
-            offset=Offset.PAYLOAD_SIZE,
-            value=payload_size,
-        )
     *_, _version, flags, count, _first_index = ANNOUNCEMENT_HEAD.unpack_from(data)
     if payload_size < _FIXED + count * ANNOUNCEMENT_ENTRY.size:
         raise FieldValueError(

@@ -297,7 +297,7 @@ def check_header(data: bytes | bytearray | memoryview, known: frozenset[int]) ->
 
     Raises a :class:`~dispatcher.FrameError` for a short frame, a type not in
     ``known`` or a PayloadSize out of range; an I/O port intercept also needs
-    its 128 payload bytes.
+    the fixed part of its layout.
     """
     n = len(data)
     if n < HEADER_SIZE:
@@ -317,13 +317,9 @@ def check_header(data: bytes | bytearray | memoryview, known: frozenset[int]) ->
             offset=offset,
             value=size,
         )
-    if kind == IO_PORT_INTERCEPT and size < IO_PORT_PAYLOAD_SIZE:
-        raise FieldValueError(
-            f"an I/O port intercept needs {IO_PORT_PAYLOAD_SIZE} payload bytes",
-            field="payload_size",
-            offset=offset,
-            value=size,
-        )
+    name, least = _FIXED_PAYLOAD.get(kind, ("a frame", 0))
+    if size < least:
+        raise FieldValueError(f"{name} needs {least} payload bytes", field="payload_size", offset=offset, value=size)
     end = HEADER_SIZE + size
     if n < end:
         raise ShortFrameError(f"frame is {n} bytes, its header promises {end}", field="payload", offset=n, value=None)
@@ -372,20 +368,20 @@ def check_intercept(frame: bytes | bytearray | memoryview) -> None:
     check_io_payload(frame[Offset.ACCESS_TYPE], frame[Offset.ACCESS_INFO], frame[Offset.INSTRUCTION_BYTE_COUNT])
 
 
+# Per message type: its name in errors, and the payload bytes of its fixed part.
+_FIXED_PAYLOAD: Final = {
+    IO_PORT_INTERCEPT: ("an I/O port intercept", IO_PORT_PAYLOAD_SIZE),
+    COMPLETION: ("a completion", COMPLETION_PAYLOAD),
+    ANNOUNCEMENT: ("an announcement", ANNOUNCEMENT_HEAD.size - HEADER_SIZE),
+    REGION: ("a region frame", REGION_STRUCT.size - HEADER_SIZE),
+}
 _INTERCEPT_ONLY: Final = frozenset({IO_PORT_INTERCEPT})
 _COMPLETION_ONLY: Final = frozenset({COMPLETION})
 
 
 def decode_completion(data: bytes | bytearray | memoryview) -> Completion:
     """Parse one completion frame; raise a :class:`~dispatcher.FrameError` naming what is wrong."""
-    size = check_header(data, _COMPLETION_ONLY)
-    if size < COMPLETION_PAYLOAD:
-        raise FieldValueError(
-            f"a completion needs {COMPLETION_PAYLOAD} payload bytes",
-            field="payload_size",
-            offset=Offset.PAYLOAD_SIZE,
-            value=size,
-        )
+    check_header(data, _COMPLETION_ONLY)
     (*_, partition, vp_index, version, status, registers, rip, rax, rcx, rsi, rdi, port, access_info, _, detail) = (
         COMPLETION_STRUCT.unpack_from(data)
     )
