@@ -56,6 +56,9 @@ from .x86 import InstructionError, IoInstruction, Segment, decode_io_instruction
 if TYPE_CHECKING:
     from .loop import Dispatcher
 
+    __version__: str
+    """The installed distribution's version (``importlib.metadata``), "0+unknown" when it is not installed."""
+
 __all__ = [
     "ANNOUNCEMENT",
     "COMPLETION",
@@ -135,4 +138,14 @@ def __getattr__(name: str) -> object:
         from .loop import Dispatcher
 
         return Dispatcher
+    # The version too: importlib.metadata takes longer to import than the whole core.
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("intercept-dispatch")
+        except PackageNotFoundError:
+            found = "0+unknown"
+        globals()["__version__"] = found
+        return found
     raise AttributeError(f"module 'dispatcher' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The ``intercept-dispatch`` command (also ``python -m examples``): demo, serve and poke.
+"""The ``intercept-dispatch`` command (also ``python -m examples``): demo, serve, poke, stats and inspect.
 
 This is the application layer: it joins the service in
 :mod:`transports.service` to the bundled example devices, which ``serve``
@@ -12,10 +12,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from dispatcher import Router
+from transports.service.command_line import CommandParser
 
-__all__ = ["main", "pc_router"]
+__all__ = ["COMMAND_STATUSES", "DEMO_STATUSES", "main", "pc_router"]
 
 log = logging.getLogger("intercept_dispatch.service")
 
@@ -50,10 +52,43 @@ def pc_router() -> Router:
     return build_pc(serial_sink=_LineLogger("COM1"), debug_sink=_LineLogger("debugcon")).router
 
 
+DEMO_STATUSES = {
+    0: "the demo passed: the guest's output and every check were as expected",
+    1: "a check failed, or the demo could not run (the line printed says why)",
+    130: "interrupted (Ctrl-C)",
+}
+COMMAND_STATUSES = {
+    0: "the command succeeded",
+    1: "the command failed (each command's --help lists its own statuses)",
+}
+
+
+class _Version(argparse.Action):
+    """``--version``: read from the package metadata only when asked (importlib.metadata is slow to import)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the installed version and exit", **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        import dispatcher
+
+        print(f"{parser.prog} {dispatcher.__version__}")
+        parser.exit()
+
+
 def _demo(argv: list[str]) -> int:
+    from dispatcher import DispatchError
+
     from .demo import main as demo_main
 
-    return demo_main()
+    try:
+        return demo_main()
+    except (DispatchError, OSError) as error:
+        print(f"intercept-dispatch demo: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("intercept-dispatch demo: interrupted", file=sys.stderr)
+        return 130
 
 
 def _serve(argv: list[str]) -> int:
@@ -68,26 +103,77 @@ def _poke(argv: list[str]) -> int:
     return poke_main(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command ``argv`` (default: the process's arguments) names; returns the exit status."""
-    parser = argparse.ArgumentParser(
+def _stats(argv: list[str]) -> int:
+    from transports.service.stats_command import main as stats_main
+
+    return stats_main(argv)
+
+
+def _inspect(argv: list[str]) -> int:
+    from transports.service.inspect_command import main as inspect_main
+
+    return inspect_main(argv)
+
+
+def _parser() -> CommandParser:
+    parser = CommandParser(
         prog="intercept-dispatch",
         description="Device models for I/O port intercepts: run the demo guest, serve the devices to VMMs "
-        "over a UNIX socket, or send one port access to a running service.",
+        "over a UNIX socket, send one port access to a running service, or ask it for its statistics and "
+        "devices.\n\n"
+        "  intercept-dispatch demo\n"
+        "  intercept-dispatch serve --socket /tmp/dispatch.sock\n"
+        "  intercept-dispatch poke --socket /tmp/dispatch.sock inb 0x60\n"
+        "  intercept-dispatch stats --socket /tmp/dispatch.sock\n"
+        "  intercept-dispatch inspect --socket /tmp/dispatch.sock\n\n"
+        "Each command has its own --help.",
+        exit_statuses=COMMAND_STATUSES,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="boot a guest on KVM (or a fake VP) that drives the example UART")
-    demo.set_defaults(run=_demo, passthrough=False)
-    # serve and poke parse their own options (see their --help), so they are passed on untouched.
+    parser.add_argument("--version", action=_Version)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    demo = commands.add_parser(
+        "demo",
+        help="boot a guest on KVM (or a fake VP) that drives the example UART",
+        description="Boot a small real-mode guest on a KVM vCPU; every port access it makes goes through the "
+        "dispatcher to the example 16550 UART, which prints what the guest wrote. Where /dev/kvm cannot be "
+        "opened, say why and drive the same UART from a fake VP instead.",
+        exit_statuses=DEMO_STATUSES,
+    )
+    demo.set_defaults(run=_demo, passthrough=False, parser=demo)
+    # serve, poke, stats and inspect parse their own options (see their --help), so they are passed on untouched.
     serve = commands.add_parser(
-        "serve", add_help=False, help="run the device backend service (by default with the example PC's devices)"
+        "serve",
+        add_help=False,
+        help="run the device backend service (by default with the example PC's devices); see serve --help",
+        exit_statuses={},
     )
-    serve.set_defaults(run=_serve, passthrough=True)
-    poke = commands.add_parser("poke", add_help=False, help="send one port access to a running service")
-    poke.set_defaults(run=_poke, passthrough=True)
-    args, rest = parser.parse_known_args(argv)
+    serve.set_defaults(run=_serve, passthrough=True, parser=serve)
+    poke = commands.add_parser(
+        "poke", add_help=False, help="send one port access to a running service; see poke --help", exit_statuses={}
+    )
+    poke.set_defaults(run=_poke, passthrough=True, parser=poke)
+    stats = commands.add_parser(
+        "stats",
+        add_help=False,
+        help="a running service's counts and latency, per device and VM; see stats --help",
+        exit_statuses={},
+    )
+    stats.set_defaults(run=_stats, passthrough=True, parser=stats)
+    inspect = commands.add_parser(
+        "inspect",
+        add_help=False,
+        help="a running service's devices and their registers; see inspect --help",
+        exit_statuses={},
+    )
+    inspect.set_defaults(run=_inspect, passthrough=True, parser=inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv`` (default: the process's arguments) names; returns the exit status."""
+    args, rest = _parser().parse_known_args(argv)
     if rest and not args.passthrough:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.parser.error(f"unrecognized arguments: {' '.join(rest)}")
     result: int = args.run(rest)
     return result
 

@@ -12,6 +12,11 @@ console output; an interrupt acknowledge is a read of its own.
 The relay speaks to the socket directly rather than through
 :class:`transports.service.ServiceClient`, which allows one intercept in
 flight per VP: a posted write leaves several.
+
+Before the vCPU starts, the announcement must show the platform block: a
+service started without it (a plain ``serve`` of other devices) ends the
+run at once with :class:`RemotePcError`, whose message is the command that
+starts the right one.
 """
 
 from __future__ import annotations
@@ -21,22 +26,78 @@ import anyio
 from dispatcher import (
     ANNOUNCEMENT,
     COMPLETION,
+    Access,
     Completion,
+    DispatchError,
+    PortRange,
     Status,
+    TransportClosedError,
     TransportError,
+    decode_announcement,
     decode_completion,
     frame_ids,
     message_type,
 )
 from transports.kvm import KvmTransport
 from transports.service import io_intercept
+from transports.service.command_line import describe_unreachable
 from transports.shared_memory import share_region
 from transports.unix import UnixTransport, connect_unix
 
 from .pc_kvm import Outcome, PcConfig, PcResult, build_vm
 from .pc_remote_devices import ACK, CONSOLE, EXIT, NEXT_DUE, PLATFORM_BASE, PLATFORM_VP
 
-__all__ = ["RemotePlatform", "forward", "run_remote_pc", "share_memory"]
+__all__ = [
+    "ANNOUNCE_TIMEOUT",
+    "RemotePcError",
+    "RemotePlatform",
+    "check_platform",
+    "forward",
+    "read_announcement",
+    "run_remote_pc",
+    "serve_command",
+    "share_memory",
+]
+
+ANNOUNCE_TIMEOUT = 30.0
+"""Seconds to wait for the service's port announcement (it is sent at once on connecting)."""
+PLATFORM_PORTS = range(PLATFORM_BASE, PLATFORM_BASE + 16)
+
+
+class RemotePcError(DispatchError):
+    """The service at the socket cannot run the PC's devices: unreachable, silent, or without the platform block."""
+
+
+def serve_command(socket: str) -> str:
+    """The command that serves the PC's devices, platform block included, at ``socket``."""
+    return f"python -m examples serve --socket {socket} --device examples.pc_remote_devices:pc_devices"
+
+
+async def read_announcement(connection: UnixTransport, *, timeout: float = ANNOUNCE_TIMEOUT) -> list[PortRange]:
+    """The port ranges the service announces on connecting (before anything else is sent)."""
+    ranges: list[PortRange] = []
+    with anyio.move_on_after(timeout):
+        while frames := await connection.receive_batch():
+            for frame in frames:
+                kind = message_type(frame)
+                if kind != ANNOUNCEMENT:
+                    raise TransportError(f"the service sent a frame of type {kind:#x} before its port announcement")
+                part, final = decode_announcement(frame)
+                ranges.extend(part)
+                if final:
+                    return ranges
+        raise TransportClosedError("the service closed the connection before announcing its ports")
+    raise TransportError(f"no port announcement from the service within {timeout:g} s")
+
+
+def check_platform(ranges: list[PortRange], socket: str) -> None:
+    """Raise :class:`RemotePcError` unless ``ranges`` claim the platform block's ports for reads."""
+    missing = [p for p in PLATFORM_PORTS if not any(r.first <= p <= r.last and r.access & Access.READ for r in ranges)]
+    if missing:
+        raise RemotePcError(
+            f"the service at {socket} has no PC platform block (ports {PLATFORM_PORTS[0]:#x}-{PLATFORM_PORTS[-1]:#x}: "
+            f"interrupts, timers, exit device, console); start it with: {serve_command(socket)}"
+        )
 
 
 class RemotePlatform:
@@ -147,11 +208,25 @@ async def _board(platform: RemotePlatform, transport: KvmTransport, outcome: Out
 
 
 async def run_remote_pc(config: PcConfig, socket: str) -> PcResult:
-    """Boot the PC with its devices in the ``serve`` process at ``socket``; as :func:`~examples.pc_kvm.run_pc`."""
+    """Boot the PC with its devices in the ``serve`` process at ``socket``; as :func:`~examples.pc_kvm.run_pc`.
+
+    Raises :class:`RemotePcError`, before the vCPU starts, when no service
+    answers at ``socket`` or the one there has no platform block.
+    """
     outcome = Outcome(config)
     vm = build_vm(config)
     with vm:
-        connection = await connect_unix(socket)
+        try:
+            connection = await connect_unix(socket)
+        except (OSError, ValueError) as error:
+            raise RemotePcError(describe_unreachable(socket, error, start=serve_command(socket))) from None
+        try:
+            check_platform(await read_announcement(connection), socket)
+        except DispatchError as error:
+            await connection.aclose()
+            if isinstance(error, RemotePcError):
+                raise
+            raise RemotePcError(f"the service at {socket}: {error}") from None
         platform = RemotePlatform(connection)
         transport = outcome.transport = KvmTransport(
             vm, posted_writes=config.posted_writes, interrupts=platform, kvm_path=config.kvm_path

@@ -6,17 +6,17 @@
     intercept-dispatch poke inb 0x3FF          # prints 0x5a
     intercept-dispatch poke ports              # the ports the service claims
 
-Exit status: 0 when the access completed, 1 when the service answered with
-an error status, 3 when no service could be reached or it broke off, 2 for
-a usage error.
+Every error is one line on standard error naming what was wrong; the exit
+statuses are :data:`EXIT_STATUSES` (``poke --help`` lists them).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 
@@ -24,35 +24,143 @@ from dispatcher import Completion, DispatchError, PortRange, Status
 
 from ..unix import UnixTransport, connect_unix, default_socket_path
 from .client import ServiceClient, io_intercept
+from .command_line import USAGE, CommandParser, describe_unreachable
 
-__all__ = ["main"]
+__all__ = ["COMPLETED", "ERROR_REPLY", "EXIT_STATUSES", "INTERRUPTED", "UNREACHABLE", "USAGE", "main"]
+
+PROG = "intercept-dispatch poke"
+COMPLETED, ERROR_REPLY, UNREACHABLE, INTERRUPTED = 0, 1, 3, 130
+EXIT_STATUSES = {
+    COMPLETED: "the access completed (an IN printed the value read)",
+    ERROR_REPLY: "the service answered with an error status (printed)",
+    USAGE: "usage error (the line printed says what was wrong)",
+    UNREACHABLE: "no service answered at the socket, or it broke off",
+    INTERRUPTED: "interrupted (Ctrl-C)",
+}
+"""The exit statuses of ``poke`` and what each means."""
 
 _SIZES = {"b": 1, "w": 2, "l": 4}
-ERROR_REPLY, UNREACHABLE = 1, 3
+_WIDTH_NAMES = {1: "one byte", 2: "16 bits", 4: "32 bits"}
+_STATUS_MEANING = {
+    Status.HANDLER_FAILED: "the device's handler raised an error (the service's log says which)",
+    Status.DEADLINE_EXCEEDED: "the device's handler ran past the service's deadline",
+    Status.PROTOCOL_ERROR: "the service could not read the intercept",
+    Status.UNSUPPORTED: "the service does not support this access",
+    Status.MEMORY_ERROR: "guest memory the access needs could not be reached",
+}
 
 
-def _number(text: str) -> int:
-    return int(text, 0)
+def _parse_number(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (write e.g. 0x3F8, 1016, 0o1770 or 0b1)") from None
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="intercept-dispatch poke",
-        description="Send one port access to a running service and print what it answers.",
+def _bounded(what: str, bits: int) -> Callable[[str], int]:
+    """A type function for argparse: a number in 0..2**bits-1, its errors saying what the number is."""
+    limit = (1 << bits) - 1
+
+    def number(text: str) -> int:
+        value = _parse_number(text)
+        if not 0 <= value <= limit:
+            raise argparse.ArgumentTypeError(f"{text} is outside 0..{limit:#x} ({what} is {bits} bits)")
+        return value
+
+    return number
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def _parser() -> CommandParser:
+    parser = CommandParser(
+        prog=PROG,
+        description="Send one port access to a running service and print what it answers.\n\n"
+        "  intercept-dispatch poke outb 0x3FF 0x5A\n"
+        "  intercept-dispatch poke inb 0x3FF          # prints 0x5a\n"
+        "  intercept-dispatch poke ports              # the ports the service claims",
+        exit_statuses=EXIT_STATUSES,
     )
-    parser.add_argument("--socket", default=None, help=f"the service's socket (default {default_socket_path()})")
-    parser.add_argument("--vp", type=_number, default=0, help="VP index to send as (default 0)")
-    parser.add_argument("--partition", type=_number, default=0, help="partition id to send as (default 0)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the service (default 5)")
-    parser.add_argument("access", choices=["inb", "inw", "inl", "outb", "outw", "outl", "ports"])
-    parser.add_argument("port", nargs="?", type=_number, help="port number, e.g. 0x3F8")
-    parser.add_argument("value", nargs="?", type=_number, help="value to write (OUT only)")
+    parser.add_argument(
+        "--socket", metavar="PATH", default=None, help=f"the service's socket (default {default_socket_path()})"
+    )
+    parser.add_argument(
+        "--vp",
+        metavar="N",
+        type=_bounded("a VP index", 32),
+        default=0,
+        help="VP index to send as, 0..0xFFFFFFFF (default 0)",
+    )
+    parser.add_argument(
+        "--partition",
+        metavar="N",
+        type=_bounded("a partition id", 64),
+        default=0,
+        help="partition id to send as, 64 bits (default 0)",
+    )
+    parser.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=5.0,
+        help="how long to wait for the service, each step (default 5)",
+    )
+    parser.add_argument(
+        "access",
+        metavar="ACCESS",
+        choices=["inb", "inw", "inl", "outb", "outw", "outl", "ports"],
+        help="inb, inw, inl: read 1, 2 or 4 bytes and print them; outb, outw, outl: write VALUE; "
+        "ports: list the ports the service claims",
+    )
+    parser.add_argument(
+        "port", metavar="PORT", nargs="?", type=_bounded("a port number", 16), help="port number 0..0xFFFF, e.g. 0x3F8"
+    )
+    parser.add_argument(
+        "value", metavar="VALUE", nargs="?", help="the value to write (OUT only): 0..0xFF, 0..0xFFFF or 0..0xFFFFFFFF"
+    )
     return parser
 
 
-def _fail(message: str, status: int) -> int:
-    print(f"poke: {message}", file=sys.stderr)
-    return status
+def _check(parser: CommandParser, args: argparse.Namespace) -> None:
+    """The rules argparse cannot express: what each ACCESS takes, and the value against the access width."""
+    if args.access == "ports":
+        if args.port is not None:
+            parser.error(f"ports takes no PORT (got {args.port:#x})")
+        return
+    if args.port is None:
+        parser.error(f"{args.access} needs a PORT, e.g. {args.access} 0x3F8{' 0x41' if args.access[0] == 'o' else ''}")
+    size = _SIZES[args.access[-1]]
+    if args.access.startswith("in"):
+        if args.value is not None:
+            parser.error(f"{args.access} takes no VALUE (it reads; got {args.value!r})")
+        return
+    if args.value is None:
+        parser.error(f"{args.access} needs a VALUE to write: {args.access} {args.port:#x} VALUE")
+    try:
+        value = _parse_number(args.value)
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"argument VALUE: {error}")
+    limit = (1 << 8 * size) - 1
+    if not 0 <= value <= limit:
+        parser.error(
+            f"argument VALUE: {args.value} does not fit {args.access}: it writes {_WIDTH_NAMES[size]}, 0..{limit:#x}"
+        )
+    args.value = value
+
+
+def _leaf(error: BaseException) -> BaseException:
+    # Errors from inside the client's task group arrive wrapped in an exception group: the first real one.
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
 
 
 async def _talk(transport: UnixTransport, args: argparse.Namespace) -> tuple[list[PortRange], Completion | None]:
@@ -71,50 +179,99 @@ async def _talk(transport: UnixTransport, args: argparse.Namespace) -> tuple[lis
             return client.ports, await client.exchange(frame)
 
 
-async def _poke(args: argparse.Namespace, path: str) -> int:
+def _ports_text(ports: list[int]) -> str:
+    if len(ports) == 1:
+        return f"port {ports[0]:#x}"
+    if ports[-1] - ports[0] == len(ports) - 1:
+        return f"ports {ports[0]:#x}-{ports[-1]:#x}"
+    return "ports " + ", ".join(f"{port:#x}" for port in ports)
+
+
+def unclaimed_note(ports: Sequence[PortRange], port: int, size: int, *, write: bool) -> str | None:
+    """What to tell the user when the ports an access covers (``port..port+size-1``) are not all claimed.
+
+    None when every one of them is claimed in the access's direction.
+    """
+    flag = 2 if write else 1
+    covered = list(range(port, port + size))
+    missing = [p for p in covered if not any(r.first <= p <= r.last and r.access & flag for r in ports)]
+    if not missing:
+        return None
+    direction = "writes" if write else "reads"
+    if len(missing) == size:
+        what = _ports_text(missing) if size == 1 else f"any of {_ports_text(missing)}"
+        effect = "the write was dropped" if write else "unclaimed ports read as 0xff"
+        return f"the service does not claim {what} for {direction} ({effect})"
+    bytes_word = "that byte" if len(missing) == 1 else "those bytes"
+    effect = (
+        f"{bytes_word} {'were' if len(missing) > 1 else 'was'} dropped"
+        if write
+        else f"{bytes_word} read{'' if len(missing) > 1 else 's'} as 0xff"
+    )
+    return (
+        f"the service does not claim {_ports_text(missing)} for {direction}, part of this {size}-byte access "
+        f"to {_ports_text(covered)} ({effect})"
+    )
+
+
+async def _poke(parser: CommandParser, args: argparse.Namespace, path: str) -> int:
     try:
         with anyio.fail_after(args.timeout):
             transport = await connect_unix(path)
-    except (OSError, TimeoutError) as error:
-        return _fail(f"no service at {path}: {getattr(error, 'strerror', None) or error}", UNREACHABLE)
+    except TimeoutError:
+        return parser.fail(
+            f"the service at {path} did not accept the connection within {args.timeout:g} s", UNREACHABLE
+        )
+    except (OSError, ValueError) as error:
+        return parser.fail(
+            describe_unreachable(path, error, start=f"intercept-dispatch serve --socket {path}"), UNREACHABLE
+        )
+    failure: BaseException | None = None
     try:
         ports, completion = await _talk(transport, args)
-    except TimeoutError:
-        return _fail(f"the service at {path} did not answer within {args.timeout} s", UNREACHABLE)
-    except DispatchError as error:
-        return _fail(f"the service at {path}: {error}", UNREACHABLE)
+    except BaseException as raised:
+        failure = _leaf(raised)
+        if not isinstance(failure, TimeoutError | DispatchError | OSError):
+            raise
+    if isinstance(failure, TimeoutError):
+        return parser.fail(f"the service at {path} did not answer within {args.timeout:g} s", UNREACHABLE)
+    if failure is not None:
+        return parser.fail(f"the service at {path}: {failure}", UNREACHABLE)
     if completion is None:
         for r in ports:
             print(f"{r.first:#06x}-{r.last:#06x} {'r' if r.access & 1 else '-'}{'w' if r.access & 2 else '-'}")
-        return 0
-    if not any(r.first <= args.port <= r.last for r in ports):
-        print(f"poke: note: the service does not claim port {args.port:#x}", file=sys.stderr)
+        return COMPLETED
     if completion.status is not Status.COMPLETED:
-        return _fail(
-            f"port {args.port:#x}: the service answered {completion.status.name} (detail {completion.detail:#x})",
+        meaning = _STATUS_MEANING.get(completion.status, "")
+        return parser.fail(
+            f"{args.access} {args.port:#x}: the service answered {completion.status.name} "
+            f"(detail {completion.detail:#x}){f': {meaning}' if meaning else ''}",
             ERROR_REPLY,
         )
+    size = _SIZES[args.access[-1]]
+    # A completed access may still have reached no device, or only some of its bytes did: say so (on stderr).
+    note = unclaimed_note(ports, args.port, size, write=args.access.startswith("out"))
+    if note is not None:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     if args.access.startswith("in"):
-        size = _SIZES[args.access[-1]]
         print(f"{completion.rax & (1 << 8 * size) - 1:#0{2 + 2 * size}x}")
-    return 0
+    return COMPLETED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``poke`` command; returns the exit status."""
+    """The ``poke`` command; returns the exit status (:data:`EXIT_STATUSES`)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.access != "ports":
-        if args.port is None or not 0 <= args.port <= 0xFFFF:
-            parser.error("a port number 0..0xFFFF is needed")
-        if args.access.startswith("out") != (args.value is not None):
-            parser.error("outb/outw/outl take a value; inb/inw/inl do not")
-    elif args.port is not None:
-        parser.error("ports takes no arguments")
+    _check(parser, args)
+    path = default_socket_path() if args.socket is None else args.socket
+    if not path:
+        parser.error("argument --socket: the path is empty")
     try:
-        result: int = anyio.run(_poke, args, args.socket or default_socket_path())
+        result: int = anyio.run(_poke, parser, args, path)
     except BrokenPipeError:
         # Whoever read our output has gone (``poke ports | head -1``): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return COMPLETED
+    except KeyboardInterrupt:
+        return parser.fail("interrupted", INTERRUPTED)
     return result
