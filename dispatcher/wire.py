@@ -28,6 +28,10 @@ __all__ = [
     "COMPLETION_PAYLOAD",
     "COMPLETION_SIZE",
     "COMPLETION_STRUCT",
+    "CONTROL_REPLY",
+    "CONTROL_REPLY_HEAD",
+    "CONTROL_REQUEST",
+    "CONTROL_REQUEST_STRUCT",
     "COUNTERS",
     "ECHO",
     "HEADER",
@@ -68,6 +72,8 @@ IO_PORT_INTERCEPT: Final = 0x8001_0000
 COMPLETION: Final = 0x1D00_0001
 ANNOUNCEMENT: Final = 0x1D00_0002
 REGION: Final = 0x1D00_0003
+CONTROL_REQUEST: Final = 0x1D00_0004
+CONTROL_REPLY: Final = 0x1D00_0005
 
 PROTOCOL_VERSION: Final = 1
 UNKNOWN_VP: Final = 0xFFFF_FFFF
@@ -121,6 +127,15 @@ class Offset(enum.IntEnum):
     REGION_FLAGS = 17
     REGION_SIZE = 32
     REGION_FD_OFFSET = 40
+    # The control request and reply.
+    CONTROL_VERSION = 16
+    CONTROL_REQUEST_KIND = 17
+    CONTROL_REQUEST_FLAGS = 18
+    CONTROL_REPLY_FLAGS = 17
+    CONTROL_REPLY_STATUS = 18
+    CONTROL_REQUEST_ID = 20
+    CONTROL_REPLY_OFFSET = 24
+    CONTROL_REPLY_DATA = 28
 
 
 # The header: MessageType, four bytes (PayloadSize and MessageFlags in the ABI), the source partition.
@@ -162,6 +177,13 @@ ANNOUNCEMENT_ENTRY: Final = struct.Struct("<HHBxxx")
 REGION_STRUCT: Final = struct.Struct("<I4BQBBHIQQQ")
 """The memory region frame: header bytes, partition, Version, Flags, reserved, GuestPhysical,
 Size, FdOffset."""
+
+CONTROL_REQUEST_STRUCT: Final = struct.Struct("<I4BQ" "BBBxI")  # fmt: skip
+"""A control request (a tool to the service, first frame of its connection): header bytes, partition
+(the VM asked about), Version, Request, Flags, reserved, RequestId."""
+CONTROL_REPLY_HEAD: Final = struct.Struct("<I4BQ" "BBBxII")  # fmt: skip
+"""A control reply's fixed part: header bytes, partition, Version, Flags, Status, reserved, RequestId,
+Offset; the document's bytes follow (PayloadSize - 12 of them)."""
 
 # Every AccessInfo byte the codec accepts: a size of 1, 2 or 4 and no REP
 # without StringOp. Bits 5-7 are reserved and therefore ignored.
@@ -374,6 +396,8 @@ _FIXED_PAYLOAD: Final = {
     COMPLETION: ("a completion", COMPLETION_PAYLOAD),
     ANNOUNCEMENT: ("an announcement", ANNOUNCEMENT_HEAD.size - HEADER_SIZE),
     REGION: ("a region frame", REGION_STRUCT.size - HEADER_SIZE),
+    CONTROL_REQUEST: ("a control request", CONTROL_REQUEST_STRUCT.size - HEADER_SIZE),
+    CONTROL_REPLY: ("a control reply", CONTROL_REPLY_HEAD.size - HEADER_SIZE),
 }
 _INTERCEPT_ONLY: Final = frozenset({IO_PORT_INTERCEPT})
 _COMPLETION_ONLY: Final = frozenset({COMPLETION})

@@ -1,16 +1,50 @@
-"""What ``serve`` can be told: :class:`ServiceConfig`, from a TOML file and the command line."""
+"""What ``serve`` can be told: :class:`ServiceConfig`, from a TOML file and the command line.
+
+Every value is checked here, whichever way it came: its type, and its range
+(a deadline of -1 s is refused, not taken as "none"). A bad value raises
+:class:`ConfigError`, whose text names the file or option, the value and
+why, on one line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import pwd
+import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from ..unix import DEFAULT_MODE, default_socket_path
+from dispatcher import DispatchError
 
-__all__ = ["ServiceConfig", "argument_parser", "config_from_arguments"]
+from ..unix import DEFAULT_MODE, default_socket_path
+from .backends import BACKENDS
+from .command_line import CommandParser
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_STOPPED",
+    "EXIT_USAGE",
+    "LOG_LEVELS",
+    "ConfigError",
+    "ServiceConfig",
+    "argument_parser",
+    "config_from_arguments",
+]
+
+EXIT_STOPPED, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+BACKEND_NAMES = tuple(BACKENDS)
+MAX_SECONDS = 86_400.0
+"""The longest deadline, grace period or statistics interval: a day."""
+MAX_UID = 0xFFFF_FFFE  # (uid_t)-1 means "no user"
+
+
+class ConfigError(DispatchError):
+    """A setting that cannot be used; ``str()`` names where it came from, the value and why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,44 +61,190 @@ class ServiceConfig:
     grace: float = 5.0
     log_level: str = "INFO"
     backend: str = "asyncio"
+    metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
 
     @classmethod
     def from_toml(cls, path: str) -> ServiceConfig:
-        """Read a config file; its keys are the long option names (``allow_uid``, ``stats_interval`` ...)."""
-        with open(path, "rb") as file:
-            data = tomllib.load(file)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        values: dict[str, Any] = dict(data)
-        if "devices" in values:
-            values["devices"] = tuple(values["devices"])
-        if "mode" in values and isinstance(values["mode"], str):
-            values["mode"] = int(values["mode"], 8)
-        if "allow_uid" in values:
-            values["allow_uid"] = frozenset(_uid(u) for u in values["allow_uid"])
-        return cls(**values)
+        """Read a config file; its keys are the long option names with underscores (``allow_uid`` ...).
+
+        Raises :class:`ConfigError` naming the file (and for a syntax error
+        the line and column) when it cannot be read or a value is wrong.
+        """
+        try:
+            with open(path, "rb") as file:
+                text = file.read()
+        except OSError as error:
+            raise ConfigError(f"config file {path}: cannot read it: {error.strerror or error}") from None
+        try:
+            data = tomllib.loads(text.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            line = text[: error.start].count(b"\n") + 1
+            raise ConfigError(f"config file {path}, line {line}: not UTF-8 text") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {path}, {_toml_position(str(error), text.decode('utf-8'))}") from None
+        return cls(**_checked(data, source=f"config file {path}"))
 
 
-def _uid(value: int | str) -> int:
-    if isinstance(value, int) or value.isdigit():
-        return int(value)
+def _toml_position(message: str, text: str) -> str:
+    """tomllib's "What (at line L, column C)" or "What (at end of document)" as "line L, column C: what"."""
+    found = re.fullmatch(r"(.*) \(at (?:line (\d+), column (\d+)|end of document)\)", message, re.DOTALL)
+    if found is None:
+        return message
+    what, line, column = found.groups()
+    if line is None:
+        lines = text.split("\n")
+        line, column = str(len(lines)), str(len(lines[-1]) + 1)
+        what += " (the file ends there)"
+    return f"line {line}, column {column}: {what[:1].lower()}{what[1:]}"
+
+
+# The checks, each turning a value into what ServiceConfig holds or raising ValueError saying why.
+
+
+def _seconds(low: float, *, zero: bool = False) -> Callable[[object], float]:
+    def check(value: object) -> float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a number of seconds") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{value!r} is not a number of seconds")
+        seconds = float(value)
+        if not math.isfinite(seconds) or not (low <= seconds <= MAX_SECONDS or (zero and seconds == 0)):
+            span = f"0 or {low:g} to {MAX_SECONDS:g}" if zero and low > 0 else f"{low:g} to {MAX_SECONDS:g}"
+            raise ValueError(f"{value:g} is out of range ({span} seconds)")
+        return seconds
+
+    return check
+
+
+def _mode(value: object) -> int:
+    # On the command line and as a TOML string the digits are octal ("0660"); a TOML integer is
+    # taken as it is, so it must be written in octal there too (0o660).
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{1,3}", value.removeprefix("0o")):
+        return int(value.removeprefix("0o"), 8)
+    shown = f"{value:#o}" if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+    raise ValueError(f"{shown} is not a file mode from 000 to 777 in octal (e.g. '0660')")
+
+
+def _uid(value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= MAX_UID:
+            raise ValueError(f"{value} is not a user id (0 to {MAX_UID})")
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{value!r} is not a user id or name")
     try:
-        return pwd.getpwnam(value).pw_uid
+        return pwd.getpwnam(value.strip()).pw_uid
     except KeyError:
-        raise ValueError(f"no such user: {value!r}") from None
+        raise ValueError(f"there is no user named {value.strip()!r}") from None
 
 
-def _octal(text: str) -> int:
-    return int(text, 8)
+def _uids(value: object) -> frozenset[int]:
+    items = value if isinstance(value, list | tuple) else [value]
+    return frozenset(_uid(u) for item in items for u in (item.split(",") if isinstance(item, str) else [item]))
 
 
-def argument_parser(*, has_default_devices: bool) -> argparse.ArgumentParser:
+def _port(value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFF:
+        raise ValueError(f"{value!r} is not a TCP port (0 to 65535; 0 picks a free one)")
+    return value
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{value!r} is not a non-empty string")
+    return value
+
+
+def _choice(choices: tuple[str, ...], *, upper: bool = False) -> Callable[[object], str]:
+    def check(value: object) -> str:
+        text = value.upper() if upper and isinstance(value, str) else value
+        if text not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        assert isinstance(text, str)
+        return text
+
+    return check
+
+
+def _devices(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{value!r} is not a list of MODULE:ATTR names")
+    return tuple(value)
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
+_CHECKS: dict[str, Callable[[object], object]] = {
+    "devices": _devices,
+    "socket": _string,
+    "stdio": _flag,
+    "mode": _mode,
+    "allow_uid": _uids,
+    "deadline": _seconds(0.0),
+    "stats_interval": _seconds(0.1, zero=True),
+    "grace": _seconds(0.0),
+    "log_level": _choice(LOG_LEVELS, upper=True),
+    "backend": _choice(BACKEND_NAMES),
+    "metrics_port": _port,
+    "metrics_address": _string,
+}
+assert set(_CHECKS) == {f.name for f in fields(ServiceConfig)}
+
+
+def _checked(data: dict[str, Any], *, source: str) -> dict[str, Any]:
+    unknown = sorted(set(data) - set(_CHECKS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_CHECKS))}")
+    values = {}
+    for name, value in data.items():
+        try:
+            values[name] = _CHECKS[name](value)
+        except ValueError as error:
+            raise ConfigError(f"{source}: {name}: {error}") from None
+    return values
+
+
+def _option(check: Callable[[object], object]) -> Callable[[str], object]:
+    # argparse reports an ArgumentTypeError's text after "argument --name:".
+    def convert(text: str) -> object:
+        try:
+            return check(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
+
+
+EXIT_STATUSES = {
+    EXIT_STOPPED: "stopped by SIGTERM or SIGINT (or, with --stdio, at end of input) after answering "
+    "the intercepts in flight",
+    EXIT_FAILED: "could not start (the socket, the devices or the metrics address: the line printed says "
+    "why), or stopped by a second signal without waiting",
+    EXIT_USAGE: "usage error: an option, the config file or one of its values is wrong, or a package an "
+    "option needs is missing (the line printed says which)",
+}
+
+
+def argument_parser(*, has_default_devices: bool) -> CommandParser:
     """The ``serve`` command's options; ``has_default_devices`` says whether ``--device`` may be left out."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="intercept-dispatch serve",
         description="Serve device models to VMMs over a UNIX socket (or stdin/stdout).",
+        exit_statuses=EXIT_STATUSES,
     )
     parser.add_argument(
         "--device",
@@ -83,31 +263,72 @@ def argument_parser(*, has_default_devices: bool) -> argparse.ArgumentParser:
         default=None,
         help="serve one VMM on stdin/stdout instead (for a VMM that spawns the service)",
     )
-    parser.add_argument("--mode", type=_octal, metavar="OCTAL", help="permissions of the socket file (default 0600)")
+    parser.add_argument(
+        "--mode", type=_option(_mode), metavar="OCTAL", help="permissions of the socket file, 000-777 (default 0600)"
+    )
     parser.add_argument(
         "--allow-uid",
         action="append",
         dest="allow_uid",
+        type=_option(_uids),
         metavar="UID",
-        help="accept connections only from this user id or name (SO_PEERCRED); repeatable",
+        help="accept connections only from this user id or name (SO_PEERCRED); repeatable or comma-separated",
     )
     parser.add_argument(
-        "--deadline", type=float, metavar="SECONDS", help="longest a handler may take; 0 for no limit (default 5)"
+        "--deadline",
+        type=_option(_seconds(0.0)),
+        metavar="SECONDS",
+        help=f"longest a handler may take, 0 to {MAX_SECONDS:g}; 0 for no limit (default 5)",
     )
-    parser.add_argument("--stats-interval", type=float, metavar="SECONDS", help="log statistics this often")
     parser.add_argument(
-        "--grace", type=float, metavar="SECONDS", help="how long a stop waits for in-flight intercepts (default 5)"
+        "--stats-interval",
+        type=_option(_seconds(0.1, zero=True)),
+        metavar="SECONDS",
+        help=f"log a statistics line this often, 0.1 to {MAX_SECONDS:g}; 0 for never (the default)",
     )
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
-    parser.add_argument("--backend", choices=["asyncio", "uvloop", "trio"], help="event loop (default asyncio)")
+    parser.add_argument(
+        "--grace",
+        type=_option(_seconds(0.0)),
+        metavar="SECONDS",
+        help=f"how long a stop waits for in-flight intercepts, 0 to {MAX_SECONDS:g} (default 5)",
+    )
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument(
+        "--log-level", type=_option(_choice(LOG_LEVELS, upper=True)), metavar="LEVEL", help=", ".join(LOG_LEVELS)
+    )
+    verbosity.add_argument(
+        "-v", "--verbose", dest="log_level", action="store_const", const="DEBUG", help="log at DEBUG level"
+    )
+    verbosity.add_argument(
+        "-q", "--quiet", dest="log_level", action="store_const", const="WARNING", help="log warnings and errors only"
+    )
+    parser.add_argument(
+        "--backend",
+        type=_option(_choice(BACKEND_NAMES)),
+        metavar="NAME",
+        help=f"event loop: {', '.join(BACKEND_NAMES)} (default asyncio)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=_option(_port),
+        metavar="PORT",
+        help="serve Prometheus metrics over HTTP on this TCP port (0: any free port, logged); "
+        "needs the [metrics] extra",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        type=_option(_string),
+        metavar="ADDRESS",
+        help="address the metrics endpoint binds (default 127.0.0.1, this machine only)",
+    )
     return parser
 
 
 def config_from_arguments(args: argparse.Namespace) -> ServiceConfig:
     """The settings of ``--config`` (if given) overridden by the options given on the command line.
 
-    Raises ``OSError``, ``ValueError`` or ``tomllib.TOMLDecodeError`` for a
-    config file that cannot be read or a user that does not exist.
+    Raises :class:`ConfigError` for a config file that cannot be read or
+    holds a bad value, and for settings that contradict each other.
     """
     config = ServiceConfig.from_toml(args.config) if args.config else ServiceConfig()
     given: dict[str, Any] = {
@@ -122,16 +343,29 @@ def config_from_arguments(args: argparse.Namespace) -> ServiceConfig:
             "grace",
             "log_level",
             "backend",
+            "metrics_port",
+            "metrics_address",
         )
         if getattr(args, name) is not None
     }
     if "devices" in given:
         given["devices"] = tuple(given["devices"])
     if args.allow_uid is not None:
-        given["allow_uid"] = frozenset(_uid(u) for part in args.allow_uid for u in part.split(","))
+        given["allow_uid"] = frozenset().union(*args.allow_uid)
+    # The command line's --socket or --stdio overrides the config file's choice of either.
     if given.get("socket"):
         given["stdio"] = False
+    elif given.get("stdio"):
+        given["socket"] = None
+    elif config.stdio and config.socket is not None:
+        raise ConfigError(f"config file {args.config}: socket and stdio = true cannot both be set")
     config = replace(config, **given)
-    if config.deadline is not None and config.deadline <= 0:
+    if config.deadline == 0:
         config = replace(config, deadline=None)
+    if config.stats_interval == 0:
+        config = replace(config, stats_interval=None)
+    if config.metrics_port is None and "metrics_address" in given:
+        raise ConfigError("--metrics-address needs --metrics-port (the endpoint is off without a port)")
+    if config.socket is not None:
+        config = replace(config, socket=os.path.expanduser(config.socket))
     return config
