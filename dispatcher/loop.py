@@ -52,6 +52,7 @@ class Dispatcher:
         self.guest = guest
         self.max_elements = max_elements
         self.stats = EngineStats()
+        """Counts of every connection's intercepts: completed, failed, unclaimed accesses, per port."""
         self._stopping = False
         self._reads: set[anyio.CancelScope] = set()
         self._stop_readers: set[Callable[[], object]] = set()

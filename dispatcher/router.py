@@ -50,12 +50,19 @@ class PortAccess(NamedTuple):
     first port of the claim.
     """
 
+    #: The port accessed: the lowest one, for an access wider than a byte.
     port: int
+    #: Bytes accessed: 1, 2 or 4 (1 for each byte of an access split into bytes).
     size: int
+    #: True for OUT and OUTS (the guest writes), False for IN and INS (it reads).
     is_write: bool
+    #: For a write, the ``size`` bytes written (the low bytes of RAX), as an int; 0 for a read.
     value: int
+    #: ``port`` less the first port of the claim: which of the claim's ports is accessed.
     offset: int
+    #: The index of the virtual processor that executed the instruction.
     vp_index: int
+    #: The partition (the guest) that VP belongs to.
     partition: int
 
 
@@ -69,21 +76,37 @@ class BulkAccess(NamedTuple):
     ``memoryview``). ``offset`` is ``port`` less the first port of the claim.
     """
 
+    #: The port accessed.
     port: int
+    #: Bytes per element: 1, 2 or 4.
     size: int
+    #: How many elements this call moves.
     elements: int
+    #: True for OUTS (the guest writes), False for INS (it reads).
     is_write: bool
+    #: For OUTS, the ``elements * size`` bytes written; empty for INS.
     data: bytes
+    #: ``port`` less the first port of the claim.
     offset: int
+    #: The index of the virtual processor that executed the instruction.
     vp_index: int
+    #: The partition (the guest) that VP belongs to.
     partition: int
 
 
 HandlerResult: TypeAlias = int | Awaitable[int | None] | None
 Handler: TypeAlias = Callable[[PortAccess], HandlerResult]
+"""A port handler: called with a :class:`PortAccess`, returns the value read (an int) or, for a write, None.
+
+An ``async def`` handler is awaited.
+"""
 BulkData: TypeAlias = bytes | bytearray | memoryview
 BulkResult: TypeAlias = BulkData | Awaitable[BulkData | None] | None
 BulkHandler: TypeAlias = Callable[[BulkAccess], BulkResult]
+"""A bulk handler: called with a :class:`BulkAccess`, returns the bytes read or, for OUTS, None.
+
+An ``async def`` handler is awaited.
+"""
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -147,7 +170,15 @@ def on_port(
     The mark installs nothing; a router installs it with
     :meth:`Router.include`. On a device object the port is an offset from the
     base given to ``include`` (by default the object's ``io_base``). The
-    arguments are those of :meth:`Router.add`.
+    arguments are those of :meth:`Router.add`:
+
+    :param port: the first port, or for a method of a device object, its offset from the object's base.
+    :param count: how many consecutive ports from ``port`` the handler serves (``PortAccess.offset`` says which).
+    :param access: the directions served: ``"r"`` (IN), ``"w"`` (OUT) or ``"rw"`` (both, the default), or an
+        :class:`Access`. The other direction stays unclaimed, free for another handler.
+    :param max_size: the widest access, 1, 2 or 4 bytes, the handler takes whole; a wider one reaches it as
+        byte accesses.
+    :raises ValueError: if ``access`` or ``max_size`` is none of those values.
     """
     mark = _Mark(port, count, _access(access), _max_size(max_size))
 
@@ -197,6 +228,25 @@ class Router:
         self._bulk_write: dict[int, BulkClaim] = {}
         self._bulk_claims: list[BulkClaim] = []
 
+    def __repr__(self) -> str:
+        # Compact: the first few claims by port (ports, directions, handler), then how many more.
+        shown, directions = 4, {Access.READ: "r", Access.WRITE: "w", Access.READ_WRITE: "rw"}
+        claims = sorted(self._claims, key=lambda claim: (claim.first, claim.access))
+        if not claims:
+            text = "no claims"
+        else:
+            listed = [
+                f"{c.first:#x}{f'-{c.last:#x}' if c.last != c.first else ''} {directions[c.access]} {c.name}"
+                for c in claims[:shown]
+            ]
+            if len(claims) > shown:
+                listed.append(f"... {len(claims) - shown} more")
+            text = f"{len(claims)} claim{'s' if len(claims) != 1 else ''}: {', '.join(listed)}"
+        if self._bulk_claims:
+            bulk = len(self._bulk_claims)
+            text += f"; {bulk} bulk handler{'s' if bulk != 1 else ''}"
+        return f"<Router {text}>"
+
     # The dispatcher reads these tables directly on its hot path.
     @property
     def read_table(self) -> list[Claim | None]:
@@ -228,8 +278,20 @@ class Router:
         ``access`` is the directions served ("r", "w" or "rw"); the other
         direction stays unclaimed. An access wider than ``max_size`` bytes
         reaches the handler as byte accesses, as an 8-bit device on a wider
-        bus sees it. Raises :class:`~dispatcher.errors.OverlappingClaimError` if any of
-        the ports is already claimed in one of the same directions.
+        bus sees it.
+
+        :param handler: called with a :class:`PortAccess` for each access; for a read it returns the value
+            read (masked to the access size), for a write its result is ignored. It may be ``async def``.
+        :param port: the first port claimed, 0x0000..0xFFFF.
+        :param count: how many consecutive ports from ``port`` the handler serves (``PortAccess.offset`` says
+            which).
+        :param access: the directions served: ``"r"`` (IN), ``"w"`` (OUT) or ``"rw"`` (both, the default), or
+            an :class:`Access`. The other direction stays unclaimed, free for another handler.
+        :param max_size: the widest access, 1, 2 or 4 bytes, the handler takes whole.
+        :returns: the installed claim, for :meth:`remove`.
+        :raises RoutingError: if the ports run outside 0x0000..0xFFFF.
+        :raises OverlappingClaimError: if one of the ports is claimed already in one of the same directions.
+        :raises ValueError: if ``access`` or ``max_size`` is none of the values above.
         """
         direction = _access(access)
         last = port + count - 1
@@ -256,7 +318,13 @@ class Router:
         """Decorator form of :meth:`add`: install the decorated function at once.
 
         (The module-level :func:`on_port` only marks a function for a later
-        :meth:`include`.)
+        :meth:`include`.) The decorated function is returned unchanged.
+
+        :param port: the first port claimed, 0x0000..0xFFFF.
+        :param count: how many consecutive ports from ``port`` the function serves.
+        :param access: the directions served: ``"r"``, ``"w"`` or ``"rw"`` (the default), or an :class:`Access`.
+        :param max_size: the widest access, 1, 2 or 4 bytes, the function takes whole.
+        :raises RoutingError: (or ``ValueError``) as :meth:`add` does, when the function is decorated.
         """
 
         def decorate(func: F) -> F:
@@ -359,10 +427,12 @@ class Router:
 
     @property
     def claims(self) -> tuple[Claim, ...]:
+        """The installed claims, in the order they were added."""
         return tuple(self._claims)
 
     @property
     def bulk_claims(self) -> tuple[BulkClaim, ...]:
+        """The installed bulk handlers, in the order they were added."""
         return tuple(self._bulk_claims)
 
     def port_ranges(self) -> list[PortRange]:

@@ -29,6 +29,7 @@ class Transport(abc.ABC):
     """
 
     stops_reading: ClassVar[bool] = False
+    """True when :meth:`stop_reading` ends a pending :meth:`receive_batch` (see above)."""
 
     @property
     def guest(self) -> Guest | None:

@@ -54,7 +54,7 @@ and what the transport got wrong:
   partition, VP and the sequence number carried in RIP; nothing more
   arrives before end of stream, and the service counted each intercept
   once.
-- :func:`check_stop_with_intercepts_in_flight`: :meth:`Dispatcher.stop`
+- :func:`check_stop_with_intercepts_in_flight`: :meth:`~dispatcher.Dispatcher.stop`
   while async handlers are running and later intercepts of their VPs are
   queued: every one is answered, then ``serve()`` returns, the VMM side
   sees end of stream and the service side is closed (sending on it raises

@@ -29,6 +29,7 @@ class FrameSplitter:
         self.offset = 0
         """Stream offset of the first byte not yet returned in a frame."""
         self.error: FrameError | None = None
+        """Why and where the stream could not be split, once it cannot; None until then."""
 
     @property
     def pending(self) -> int:

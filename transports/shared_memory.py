@@ -62,6 +62,7 @@ __all__ = [
 log = logging.getLogger("intercept_dispatch.transports")
 
 REGION_VERSION = 1
+"""The version a region frame carries; a frame of another version is refused."""
 MAX_REGIONS = 64
 """Regions one connection may map at once."""
 

@@ -38,6 +38,7 @@ __all__ = ["DEFAULT_MODE", "PeerCredentials", "UnixListener", "UnixTransport", "
 log = logging.getLogger("intercept_dispatch.transports")
 
 DEFAULT_MODE = 0o600
+"""Permissions of a socket :meth:`UnixListener.bind` creates unless told otherwise: its owner's only."""
 MAX_FDS_PER_READ = 16
 """Descriptors one read can carry; more arriving at once is a protocol error."""
 MAX_QUEUED_FDS = 64

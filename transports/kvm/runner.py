@@ -106,13 +106,13 @@ FINISHED: Final = _Signal.FINISHED
 
 
 class VcpuHost(Protocol):
-    """What a :class:`VcpuRunner` needs from the loop side that drives it (a ``KvmTransport``).
+    """What a :class:`~transports.kvm.runner.VcpuRunner` needs from the loop side that drives it (a ``KvmTransport``).
 
     The runner's thread calls these; each must be safe from any thread.
     """
 
     def put(self, item: tuple[VcpuRunner, Any], *, urgent: bool = True) -> None:
-        """Queue an item for the loop: an :class:`IoCapture` or an acknowledge request.
+        """Queue an item for the loop: an :class:`~transports.kvm.intercept.IoCapture` or an acknowledge request.
 
         A posted write is not ``urgent``: it may wait for a batch.
         """

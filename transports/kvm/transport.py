@@ -151,7 +151,10 @@ class KvmTransport(Transport):
     # -- from the threads ---------------------------------------------------------------------
 
     def put(self, item: tuple[VcpuRunner, Any], *, urgent: bool = True) -> None:
-        """Queue an item for the loop; a posted write is not ``urgent`` (see :meth:`ThreadToLoop.put`)."""
+        """Queue an item for the loop; a posted write is not ``urgent``.
+
+        See :meth:`~transports.kvm.handoff.ThreadToLoop.put`.
+        """
         self._queue.put(item, urgent=urgent)
 
     def wake_loop(self) -> None:

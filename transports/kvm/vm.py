@@ -119,7 +119,7 @@ class MemorySlot:
     """One KVM memory slot backed by a memfd (shareable with another process).
 
     ``mem`` is the VMM's read-write mapping; a ``readonly`` slot is read-only
-    only for the guest (guest writes become ``MmioExit``s).
+    only for the guest (each guest write is an :class:`MmioExit`).
     """
 
     slot: int
@@ -443,6 +443,7 @@ class Vcpu:
             self._runner = threading.get_ident()
 
     def unbind_thread(self) -> None:
+        """Undo :meth:`bind_thread`: :meth:`kick` signals only a thread inside :meth:`run` again."""
         with self._runner_lock:
             self._runner = None
 
