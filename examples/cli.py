@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dispatcher import Router
@@ -115,6 +115,15 @@ def _inspect(argv: list[str]) -> int:
     return inspect_main(argv)
 
 
+# The commands that parse their own options (see their --help): their arguments are passed on untouched.
+_SERVICE_COMMANDS: tuple[tuple[str, str, Callable[[list[str]], int]], ...] = (
+    ("serve", "run the device backend service (by default with the example PC's devices)", _serve),
+    ("poke", "send one port access to a running service", _poke),
+    ("stats", "a running service's counts and latency, per device and VM", _stats),
+    ("inspect", "a running service's devices and their registers", _inspect),
+)
+
+
 def _parser() -> CommandParser:
     parser = CommandParser(
         prog="intercept-dispatch",
@@ -140,32 +149,9 @@ def _parser() -> CommandParser:
         exit_statuses=DEMO_STATUSES,
     )
     demo.set_defaults(run=_demo, passthrough=False, parser=demo)
-    # serve, poke, stats and inspect parse their own options (see their --help), so they are passed on untouched.
-    serve = commands.add_parser(
-        "serve",
-        add_help=False,
-        help="run the device backend service (by default with the example PC's devices); see serve --help",
-        exit_statuses={},
-    )
-    serve.set_defaults(run=_serve, passthrough=True, parser=serve)
-    poke = commands.add_parser(
-        "poke", add_help=False, help="send one port access to a running service; see poke --help", exit_statuses={}
-    )
-    poke.set_defaults(run=_poke, passthrough=True, parser=poke)
-    stats = commands.add_parser(
-        "stats",
-        add_help=False,
-        help="a running service's counts and latency, per device and VM; see stats --help",
-        exit_statuses={},
-    )
-    stats.set_defaults(run=_stats, passthrough=True, parser=stats)
-    inspect = commands.add_parser(
-        "inspect",
-        add_help=False,
-        help="a running service's devices and their registers; see inspect --help",
-        exit_statuses={},
-    )
-    inspect.set_defaults(run=_inspect, passthrough=True, parser=inspect)
+    for name, summary, run in _SERVICE_COMMANDS:
+        command = commands.add_parser(name, add_help=False, help=f"{summary}; see {name} --help", exit_statuses={})
+        command.set_defaults(run=run, passthrough=True, parser=command)
     return parser
 
 

@@ -14,7 +14,6 @@ serve`` listening at PATH with the PC's devices, guest RAM shared with it.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ import anyio
 
 from dispatcher import DispatchError
 from transports.kvm import KvmUnavailableError, kvm_available
-from transports.service.command_line import CommandParser
+from transports.service.command_line import CommandParser, seconds
 
 from .pc_kvm import MiB, PcConfig, PcResult, run_pc
 
@@ -72,16 +71,6 @@ def _mib(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if math.isnan(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not 0 or a positive number of seconds")
-    return value
-
-
 def _backend(text: str) -> str:
     if text == "inproc" or (text.startswith("unix:") and len(text) > len("unix:")):
         return text
@@ -112,7 +101,11 @@ def _parser() -> CommandParser:
         "--memory", type=_mib, default=64, metavar="MIB", help=f"RAM in MiB, 2..{MAX_MEMORY_MIB} (default 64)"
     )
     parser.add_argument(
-        "--timeout", type=_seconds, default=60.0, metavar="SECONDS", help="stop after this long (0: never; default 60)"
+        "--timeout",
+        type=seconds(zero=True),
+        default=60.0,
+        metavar="SECONDS",
+        help="stop after this long (0: never; default 60)",
     )
     parser.add_argument(
         "--backend",

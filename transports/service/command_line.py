@@ -13,22 +13,39 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import re
 import stat
 import sys
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
 
-__all__ = ["USAGE", "CommandParser", "ExitStatuses", "describe_unreachable", "exit_status_text"]
+__all__ = ["USAGE", "CommandParser", "ExitStatuses", "describe_unreachable", "exit_status_text", "seconds"]
 
 USAGE = 2
 """The exit status of a usage error (argparse's)."""
 ExitStatuses: TypeAlias = Mapping[int, str] | Mapping[int | str, str]
 """Each exit status (or a text naming several) and what it means."""
 _SUN_PATH = 108  # sizeof(sockaddr_un.sun_path) on Linux, the terminating NUL included
+
+
+def seconds(*, zero: bool, at_most: float = math.inf) -> Callable[[str], float]:
+    """An argparse type for a number of seconds: more than 0 (or 0 too with ``zero``), at most ``at_most``."""
+    span = ("0 or more" if zero else "more than 0") + ("" if at_most == math.inf else f", at most {at_most:g}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if math.isnan(value) or value < 0 or (value == 0 and not zero) or value > at_most:
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({span} seconds)")
+        return value
+
+    return parse
 
 
 class _Formatter(argparse.HelpFormatter):

@@ -13,7 +13,6 @@ statuses are :data:`EXIT_STATUSES` (``poke --help`` lists them).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from dispatcher import Completion, DispatchError, PortRange, Status
 
 from ..unix import UnixTransport, connect_unix, default_socket_path
 from .client import ServiceClient, io_intercept
-from .command_line import USAGE, CommandParser, describe_unreachable
+from .command_line import USAGE, CommandParser, describe_unreachable, seconds
 
 __all__ = ["COMPLETED", "ERROR_REPLY", "EXIT_STATUSES", "INTERRUPTED", "UNREACHABLE", "USAGE", "main"]
 
@@ -70,16 +69,6 @@ def _bounded(what: str, bits: int) -> Callable[[str], int]:
     return number
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or math.isnan(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
-    return value
-
-
 def _parser() -> CommandParser:
     parser = CommandParser(
         prog=PROG,
@@ -109,7 +98,7 @@ def _parser() -> CommandParser:
     parser.add_argument(
         "--timeout",
         metavar="SECONDS",
-        type=_seconds,
+        type=seconds(zero=False),
         default=5.0,
         help="how long to wait for the service, each step (default 5)",
     )

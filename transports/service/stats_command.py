@@ -26,7 +26,7 @@ import anyio
 from dispatcher import DispatchError
 
 from ..unix import default_socket_path
-from .command_line import USAGE, CommandParser, describe_unreachable
+from .command_line import USAGE, CommandParser, describe_unreachable, seconds
 from .control import ControlError, Request, control_request
 
 __all__ = ["ANSWERED", "EXIT_STATUSES", "INTERRUPTED", "REFUSED", "UNREACHABLE", "ask", "format_stats_text", "main"]
@@ -52,16 +52,6 @@ def _vm(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 3600 or math.isnan(value):
-        raise argparse.ArgumentTypeError(f"{text} is out of range (more than 0, at most 3600 seconds)")
-    return value
-
-
 def add_common_options(parser: CommandParser) -> None:
     """``--socket``, ``--vm``, ``--json`` and ``--timeout``: what ``stats`` and ``inspect`` share."""
     parser.add_argument(
@@ -76,7 +66,11 @@ def add_common_options(parser: CommandParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the service's JSON document as it is")
     parser.add_argument(
-        "--timeout", metavar="SECONDS", type=_seconds, default=5.0, help="how long to wait for the answer (default 5)"
+        "--timeout",
+        metavar="SECONDS",
+        type=seconds(zero=False, at_most=3600),
+        default=5.0,
+        help="how long to wait for the answer (default 5)",
     )
 
 
