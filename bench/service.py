@@ -11,6 +11,12 @@ each frame back over a blocking ``socketpair``, with the same blocking
 client. Targets: 1-VP round trips at least half the echo's rate; 64 VPs
 (each with one intercept in flight) at least twice the echo's 1-VP rate.
 
+``unix_1vp_ratio`` (and ``_trio``) is the dispatch path alone: one VP's
+round trips through a :class:`~dispatcher.Dispatcher` serving a socketpair
+with a synchronous handler (answered on the transport's reader thread),
+over the raw echo's rate, the two measured in alternating stretches of the
+same run so that a busy machine weighs on both alike.
+
 A second reference, the event-loop floor, shows where 1-VP time goes: the
 same echo written the way any anyio service must wait (``wait_readable``,
 then a non-blocking read and write), with no decoding and no dispatch. No
@@ -171,6 +177,78 @@ def loop_floor(backend: str, count: int) -> list[float]:
         os.waitpid(pid, 0)
 
 
+def dispatcher_unix(backend: str, count: int) -> list[float]:
+    """One VP through a Dispatcher over a socketpair, with a synchronous handler, in a forked process.
+
+    No service around it: this is the dispatch path itself (the inline
+    reader thread, the engine, the write), on the given event loop.
+    """
+    import anyio
+
+    from dispatcher import Dispatcher, PortAccess, Router
+    from transports.unix import UnixTransport
+
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        ours.close()
+        router = Router()
+
+        @router.claim(SCRATCH)
+        def scratch(access: PortAccess) -> int:
+            return 0x5A
+
+        async def serve() -> None:
+            # The default handler deadline: its watchdog is part of the cost.
+            await Dispatcher(router).serve(UnixTransport(theirs, name="bench"))
+
+        try:
+            options = {"use_uvloop": True} if backend == "uvloop" else {}
+            anyio.run(serve, backend="asyncio" if backend == "uvloop" else backend, backend_options=options)
+        finally:
+            os._exit(0)
+    theirs.close()
+    try:
+        channel = SocketChannel(ours)
+        round_trips(channel, count // 10, COMPLETION_SIZE)
+        return round_trips(channel, count, COMPLETION_SIZE)
+    finally:
+        ours.close()
+        os.waitpid(pid, 0)
+
+
+def dispatcher_ratio(backend: str, count: int) -> dict[str, float]:
+    """``unix_1vp_*``: the Dispatcher over a socketpair beside the raw echo, alternating stretches of each."""
+    suffix = "" if backend == "asyncio" else f"_{backend}"
+    raw: list[float] = []
+    ours: list[float] = []
+    for _ in range(6):
+        raw += raw_echo(count // 6)
+        ours += dispatcher_unix(backend, count // 6)
+    raw_rate, our_rate = best_rate(raw), best_rate(ours)
+    raw.sort()
+    ours.sort()
+    figures = {
+        f"unix_1vp_ratio{suffix}": our_rate / raw_rate,
+        f"dispatcher_unix_1vp_per_s{suffix}": our_rate,
+        f"dispatcher_unix_1vp_rtt_p50_us{suffix}": percentile(ours, 50) * 1e6,
+        f"dispatcher_unix_1vp_rtt_p99_us{suffix}": percentile(ours, 99) * 1e6,
+        f"dispatcher_raw_echo_per_s{suffix}": raw_rate,
+        f"dispatcher_raw_echo_rtt_p50_us{suffix}": percentile(raw, 50) * 1e6,
+        f"dispatcher_raw_echo_rtt_p99_us{suffix}": percentile(raw, 99) * 1e6,
+    }
+    print(
+        f"{backend:7} Dispatcher over a socketpair, sync handler: 1 VP {our_rate:,.0f}/s "
+        f"({our_rate / raw_rate:.2f}x raw echo {raw_rate:,.0f}/s, target 0.5x); "
+        f"p50 {figures[f'dispatcher_unix_1vp_rtt_p50_us{suffix}']:.1f} us "
+        f"(raw {figures[f'dispatcher_raw_echo_rtt_p50_us{suffix}']:.1f}), "
+        f"p99 {figures[f'dispatcher_unix_1vp_rtt_p99_us{suffix}']:.1f} us "
+        f"(raw {figures[f'dispatcher_raw_echo_rtt_p99_us{suffix}']:.1f})",
+        flush=True,
+    )
+    return figures
+
+
 def serve_command(backend: str, *extra: str) -> list[str]:
     # No handler deadline: a stall of the machine must not turn into DEADLINE_EXCEEDED replies.
     return [
@@ -266,10 +344,20 @@ def with_pipe_service(backend: str, work: Callable[[Channel], dict[str, float]])
 
 
 def skip_announcement(channel: Channel) -> None:
-    # The default device set fits one announcement frame: 16 + 8 + 8 bytes.
-    data = b""
-    while len(data) < 32:
-        data += channel.recv()
+    """Open the session as VM 0 (a HELLO) and read up to the port announcement."""
+    from dispatcher.hello import Hello, decode_hello_reply, encode_hello
+    from dispatcher.wire import ANNOUNCEMENT, HELLO_REPLY, message_type
+    from transports.framing import FrameSplitter
+
+    channel.send(encode_hello(Hello(0)))
+    splitter = FrameSplitter()
+    while True:
+        for got in splitter.feed(channel.recv()):
+            kind = message_type(got)
+            if kind == HELLO_REPLY and not (reply := decode_hello_reply(got)).accepted:
+                raise RuntimeError(f"the service refused the session: {reply.status.name} {reply.reason}")
+            if kind == ANNOUNCEMENT:
+                return
 
 
 def percentile(ordered: list[float], point: float) -> float:
@@ -303,6 +391,9 @@ def measure(channel: Channel, count: int, prefix: str) -> dict[str, float]:
 
 def run(quick: bool) -> dict[str, float]:
     count = 1000 if quick else 20000
+    dispatch: dict[str, float] = {}
+    for backend in ("asyncio", "trio"):
+        dispatch |= dispatcher_ratio(backend, 6 * count)
     # The echo runs before and after the rest; its best stretch is the baseline.
     first = raw_echo(count)
     backends = ["asyncio", "uvloop"] if _has_uvloop() else ["asyncio"]
@@ -314,12 +405,16 @@ def run(quick: bool) -> dict[str, float]:
         floor = loop_floor(backend, count)
         results[f"loop_floor_1vp_per_s{suffix}"] = best_rate(floor)
         results[f"loop_floor_1vp_rtt_p50_us{suffix}"] = percentile(sorted(floor), 50) * 1e6
-        unix = with_socket_service(
-            backend,
-            functools.partial(measure, count=count, prefix="unix"),
-            client_count=min(count, 2000) if not suffix else 0,
-        )
-        pipe = with_pipe_service(backend, functools.partial(measure, count=count, prefix="pipe"))
+        try:
+            unix = with_socket_service(
+                backend,
+                functools.partial(measure, count=count, prefix="unix"),
+                client_count=min(count, 2000) if not suffix else 0,
+            )
+            pipe = with_pipe_service(backend, functools.partial(measure, count=count, prefix="pipe"))
+        except (OSError, EOFError, RuntimeError) as error:
+            print(f"{backend:7} the service could not be measured: {error!r}", flush=True)
+            return dispatch
         results.update({name + suffix: value for name, value in (unix | pipe).items()})
     raw_times = first + raw_echo(count)
     raw = best_rate(raw_times)
@@ -351,11 +446,11 @@ def run(quick: bool) -> dict[str, float]:
                 f"16 VPs {figures[f'{kind}_16vp_per_s{suffix}']:,.0f}/s; "
                 f"64 VPs {many:,.0f}/s ({many / raw:.2f}x raw 1-VP, target 2x)"
             )
-        figures[f"unix_1vp_ratio{suffix}"] = figures[f"unix_1vp_per_s{suffix}"] / raw
+        figures[f"service_unix_1vp_ratio{suffix}"] = figures[f"unix_1vp_per_s{suffix}"] / raw
         figures[f"unix_64vp_ratio{suffix}"] = figures[f"unix_64vp_per_s{suffix}"] / raw
         figures[f"pipe_1vp_ratio{suffix}"] = figures[f"pipe_1vp_per_s{suffix}"] / raw
         figures[f"pipe_64vp_ratio{suffix}"] = figures[f"pipe_64vp_per_s{suffix}"] / raw
-    return figures
+    return figures | dispatch
 
 
 def _has_uvloop() -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .announce import PortRange, decode_announcement, encode_announcement
+from .device_lock import Acquire, LockedSteps
 from .engine import Engine
 from .errors import (
     AccessRefused,
@@ -20,8 +21,10 @@ from .errors import (
     FieldValueError,
     FrameError,
     GuestMemoryError,
+    IncompatibleVersionError,
     OverlappingClaimError,
     RoutingError,
+    SessionRefusedError,
     ShortFrameError,
     TransportClosedError,
     TransportError,
@@ -36,7 +39,7 @@ from .port_io import Job, Step
 from .router import BulkAccess, BulkClaim, BulkHandler, Claim, Handler, PortAccess, Router, on_bulk, on_port
 from .stats import EngineStats
 from .string_plan import DEFAULT_MAX_ELEMENTS, UnsupportedReason
-from .transport import Transport
+from .transport import InlineAnswer, Transport
 from .wire import (
     ANNOUNCEMENT,
     COMPLETION,
@@ -72,6 +75,7 @@ __all__ = [
     "AccessInfo",
     "AccessRefused",
     "AccessType",
+    "Acquire",
     "BufferMemory",
     "BulkAccess",
     "BulkClaim",
@@ -89,6 +93,8 @@ __all__ = [
     "GuestMemory",
     "GuestMemoryError",
     "Handler",
+    "IncompatibleVersionError",
+    "InlineAnswer",
     "InstructionError",
     "IoInstruction",
     "IoPortInterceptMessage",
@@ -97,6 +103,7 @@ __all__ = [
     "IrqReceiver",
     "IrqRecorder",
     "Job",
+    "LockedSteps",
     "MemoryFault",
     "MemoryRegion",
     "OverlappingClaimError",
@@ -109,6 +116,7 @@ __all__ = [
     "SegmentAttributes",
     "SegmentRegister",
     "SegmentSource",
+    "SessionRefusedError",
     "ShortFrameError",
     "Status",
     "Step",

@@ -64,9 +64,19 @@ def decode_announcement(data: bytes | bytearray | memoryview) -> tuple[Sequence[
     for i in range(count):
         offset = ANNOUNCEMENT_HEAD.size + i * ANNOUNCEMENT_ENTRY.size
         first, last, access = ANNOUNCEMENT_ENTRY.unpack_from(data, offset)
-        if last < first or not 1 <= access <= 3:
+        if last < first:
             raise FieldValueError(
-                "range must have first <= last and access 1, 2 or 3", field="entry", offset=offset, value=first
+                f"the range's last port is below its first ({first:#x})",
+                field=f"entries[{i}].last_port",
+                offset=offset + 2,
+                value=last,
+            )
+        if not 1 <= access <= 3:
+            raise FieldValueError(
+                "access must be 1 (read), 2 (write) or 3 (both)",
+                field=f"entries[{i}].access",
+                offset=offset + 4,
+                value=access,
             )
         ranges.append(PortRange(first, last, Access(access)))
     return ranges, bool(flags & FINAL)

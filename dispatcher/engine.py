@@ -33,6 +33,7 @@ from .wire import (
     PROTOCOL_VERSION,
     SLOT_SIZE,
     VALID_ACCESS_INFO,
+    Offset,
     Status,
     check_intercept,
     frame_ids,
@@ -66,6 +67,10 @@ class Engine:
     string operation, wholly inside one synchronous claim, its VP idle) on a
     fast path inside :meth:`receive`. It gives exactly what the general path
     gives; ``inline=False`` is the test hook that proves it.
+
+    ``partition`` (None: any) is the one partition this connection serves (a
+    VM's): a frame of another gets a PROTOCOL_ERROR completion whose detail
+    is ``Offset.PARTITION`` and reaches no device.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class Engine:
         guest: Guest | None = None,
         max_elements: int = DEFAULT_MAX_ELEMENTS,
         inline: bool = True,
+        partition: int | None = None,
     ) -> None:
         if max_elements < 1:
             raise ValueError(f"max_elements must be at least 1, not {max_elements}")
@@ -87,21 +93,39 @@ class Engine:
         self.guest = guest
         self.max_elements = max_elements
         self.inline = inline
+        self.partition = partition
         self._clock = clock
         self._port_io = PortIo(router, self.stats)
         self._string_io = StringIo(
             router, self.stats, self._port_io, guest=guest, max_elements=max_elements, deadline=deadline, clock=clock
         )
         self._waiting: dict[int, deque[bytes]] = {}
+        # The hot path's locals (see receive). The router's tables and the
+        # statistics' counts are changed in place, never replaced. No bound
+        # method in it: the engine would then hold itself in a cycle.
+        # tuple.__new__ skips the NamedTuple's Python-level __new__, a third of its cost.
+        self._locals = (
+            Engine._process, router.read_table, router.write_table, self.stats.port_counts, self._waiting, clock,
+            INTERCEPT_LEAN.unpack_from, pack_completion_body, PortAccess, tuple.__new__, IP_MASK_BY_MODE,
+            IO_PORT_INTERCEPT, IO_PORT_PAYLOAD_SIZE, INTERCEPT_SIZE, SLOT_SIZE,
+            _SIMPLE_ACCESS, MASK, KEEP, RIP_ONLY, RIP_RAX, PROTOCOL_VERSION,
+        )  # fmt: skip
+        self.queued = 0
+        """Frames waiting behind a VP's outstanding job, over all VPs."""
 
     @property
     def busy(self) -> bool:
         """True while some VP has a job outstanding."""
         return bool(self._waiting)
 
-    def receive(self, frames: Iterable[bytes]) -> tuple[list[bytes], list[Job]]:
-        """Take a batch of frames; return completions ready now and jobs to run."""
-        out: list[bytes] = []
+    def receive(self, frames: Iterable[bytes], out: list[bytes] | None = None) -> tuple[list[bytes], list[Job]]:
+        """Take a batch of frames; return completions ready now and jobs to run.
+
+        Completions are appended to ``out`` (a new list if None) as each is
+        made, so that a watchdog can see those of a batch whose handler hung.
+        """
+        if out is None:
+            out = []
         jobs: list[Job] = []
         if not self.inline:
             for frame in frames:
@@ -110,24 +134,13 @@ class Engine:
                     jobs.append(job)
             return out, jobs
         append = out.append
-        process = self._process
-        read_table, write_table = self.router.read_table, self.router.write_table
-        counts = self.stats.port_counts
-        waiting = self._waiting
-        clock, deadline = self._clock, self.deadline
+        # Everything the loop needs as locals, from one tuple made once: with
+        # a batch of one frame, this setup is as dear as the frame itself.
+        (process, read_table, write_table, counts, waiting, clock, unpack, pack, port_access, new_tuple, ip_masks,
+         io_type, min_payload, frame_min, slot, simple_access, mask, keep, rip_only, rip_rax,
+         version) = self._locals  # fmt: skip
+        deadline, only = self.deadline, self.partition
         last = clock()
-        # Module globals as locals: this loop is the hot path.
-        # tuple.__new__ skips the NamedTuple's Python-level __new__, a third of its cost.
-        unpack, pack, port_access, new_tuple, ip_masks = (
-            INTERCEPT_LEAN.unpack_from,
-            pack_completion_body,
-            PortAccess,
-            tuple.__new__,
-            IP_MASK_BY_MODE,
-        )
-        io_type, min_payload, frame_min, slot = IO_PORT_INTERCEPT, IO_PORT_PAYLOAD_SIZE, INTERCEPT_SIZE, SLOT_SIZE
-        simple_access, mask, keep, rip_only, rip_rax = _SIMPLE_ACCESS, MASK, KEEP, RIP_ONLY, RIP_RAX
-        version = PROTOCOL_VERSION
         for frame in frames:
             # The one inline path: a well-formed, non-string access wholly
             # inside one synchronous claim, for a VP with nothing queued. At
@@ -136,7 +149,7 @@ class Engine:
                 (mtype, b4, _, _, _, partition, vp, length_cr8, access_type, state, cs_attributes, rip, _, port,
                  access_info, byte_count, _, rax) = unpack(frame)  # fmt: skip
             except struct.error:
-                process(frame, out)
+                process(self, frame, out)
                 continue
             size = access_info & 7
             claim = (write_table if access_type else read_table)[port]
@@ -151,8 +164,9 @@ class Engine:
                 or not simple_access[access_type << 8 | access_info]
                 or byte_count > 16
                 or (waiting and (partition << 32 | vp) in waiting)
+                or (only is not None and partition != only)
             ):
-                job = process(frame, out)
+                job = process(self, frame, out)
                 if job is not None:
                     jobs.append(job)
                 last = clock()
@@ -210,14 +224,46 @@ class Engine:
             out.append(self._port_io.fail(job.intercepted, status, error, job.steps))
         queue = self._waiting[job.key]
         while queue:
+            self.queued -= 1
             next_job = self._process(queue.popleft(), out, queued=True)
             if next_job is not None:
                 return out, [next_job]
         del self._waiting[job.key]
         return out, []
 
+    def abandoned(self, frame: bytes) -> bytes:
+        """The DEADLINE_EXCEEDED completion of ``frame``, whose synchronous handler never returned.
+
+        Made without waiting for that handler (another thread may be stuck
+        in it): a port access completes as a dead device's would (a read
+        gets all ones), a string access is not performed.
+        """
+        try:
+            check_intercept(frame)
+        except FrameError as error:
+            partition, vp = frame_ids(frame)
+            return pack_completion(partition, vp, Status.PROTOCOL_ERROR, 0, 0, 0, detail=error.offset)
+        (_, _, _, _, _, partition, vp, length_cr8, access_type, state, cs_attributes, rip, _, port, access_info, _, _,
+         rax) = INTERCEPT_LEAN.unpack_from(frame)  # fmt: skip
+        is_write = access_type == 1
+        if access_info & 0x08:
+            self.stats.deadline_exceeded += 1
+            return pack_completion(partition, vp, Status.DEADLINE_EXCEEDED, 0, rip, rax, port=port,
+                                   access_info=access_info)  # fmt: skip
+        next_rip = next_ip(rip, length_cr8 & 0xF, state, cs_attributes)
+        size = access_info & 7
+        steps = self._port_io.steps(port, size, is_write, rax, vp, partition)
+        intercepted = Intercepted(partition, vp, port, access_info, is_write, rax, next_rip)
+        return self._port_io.fail(intercepted, Status.DEADLINE_EXCEEDED, None, steps)
+
     def _process(self, frame: bytes, out: list[bytes], queued: bool = False) -> Job | None:
         # The general path: every check, per-VP order, string I/O, splits and async handlers.
+        only = self.partition
+        if only is not None and not queued:
+            partition = frame_ids(frame)[0]
+            if partition != only:
+                self._refuse_partition(frame, partition, only, out)
+                return None
         try:
             check_intercept(frame)
         except FrameError as error:
@@ -230,6 +276,7 @@ class Engine:
             waiting = self._waiting.get(key)
             if waiting is not None:
                 waiting.append(frame)
+                self.queued += 1
                 return None
         job: Job | None
         if access_info & 0x08:
@@ -266,6 +313,13 @@ class Engine:
             return None
         out.append(port_io.complete(intercepted, steps, results))
         return None
+
+    def _refuse_partition(self, frame: bytes, partition: int, only: int, out: list[bytes]) -> None:
+        # A frame of another VM on this VM's connection: refused before any device sees it.
+        self.stats.protocol_errors += 1
+        vp = frame_ids(frame)[1]
+        log.warning("frame for partition %d on VM %d's connection (VP %#x): refused", partition, only, vp)
+        out.append(pack_completion(partition, vp, Status.PROTOCOL_ERROR, 0, 0, 0, 0, 0, 0, 0, 0, Offset.PARTITION))
 
     def _reject(self, frame: bytes, error: FrameError, out: list[bytes]) -> None:
         # A malformed frame: a PROTOCOL_ERROR completion naming the bad offset.

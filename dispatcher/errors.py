@@ -8,8 +8,10 @@ __all__ = [
     "FieldValueError",
     "FrameError",
     "GuestMemoryError",
+    "IncompatibleVersionError",
     "OverlappingClaimError",
     "RoutingError",
+    "SessionRefusedError",
     "ShortFrameError",
     "TransportClosedError",
     "TransportError",
@@ -85,3 +87,30 @@ class AccessRefused(DispatchError):
         self.reason = reason
         self.status = status
         self.detail = detail
+
+
+class SessionRefusedError(DispatchError):
+    """The service answered a VMM's HELLO with a refusal and closed the connection.
+
+    ``status`` is the HELLO_REPLY's status (a :class:`~dispatcher.hello.HelloStatus`),
+    ``reason`` the text the service gave, ``vm`` the VM the HELLO named.
+    """
+
+    def __init__(self, message: str, *, status: int, reason: str, vm: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.vm = vm
+
+
+class IncompatibleVersionError(DispatchError):
+    """The two ends of a connection speak session versions with different majors.
+
+    ``ours`` and ``theirs`` are the (major, minor) versions of this side and
+    of the peer.
+    """
+
+    def __init__(self, message: str, *, ours: tuple[int, int], theirs: tuple[int, int]) -> None:
+        super().__init__(message)
+        self.ours = ours
+        self.theirs = theirs

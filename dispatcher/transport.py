@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import ClassVar
+from typing import ClassVar, TypeAlias
 
 from .guest import Guest
 
-__all__ = ["Transport"]
+__all__ = ["InlineAnswer", "Transport"]
+
+InlineAnswer: TypeAlias = Callable[[Sequence[bytes]], list[bytes]]
+"""What :meth:`Transport.start_inline` is given: frames received in, the completions ready now out.
+
+It is called from the transport's own thread(s), one batch at a time per
+connection, and may block (it runs device code, and it waits while the
+dispatcher's bounds are exceeded). The transport sends what it returns at
+once, in order, on the calling thread.
+"""
 
 
 class Transport(abc.ABC):
@@ -26,10 +35,16 @@ class Transport(abc.ABC):
     - :attr:`stops_reading`: True when :meth:`stop_reading` makes a pending
       :meth:`receive_batch` deliver the frames that had arrived and then end
       the stream; False (the default) when a reader must be cancelled instead.
+    - :attr:`answers_inline`: True when the transport can run synchronous
+      handlers on its own thread where the frames arrive
+      (:meth:`start_inline`), with no trip through the event loop.
     """
 
     stops_reading: ClassVar[bool] = False
     """True when :meth:`stop_reading` ends a pending :meth:`receive_batch` (see above)."""
+
+    answers_inline: ClassVar[bool] = False
+    """True when :meth:`start_inline` is supported (see :meth:`start_inline`)."""
 
     @property
     def guest(self) -> Guest | None:
@@ -54,6 +69,22 @@ class Transport(abc.ABC):
 
     def stop_reading(self) -> None:  # noqa: B027 (a declared no-op default, not an abstract method)
         """Graceful stop: read no more. Where :attr:`stops_reading` is False this does nothing."""
+
+    def start_inline(self, answer: InlineAnswer) -> None:
+        """Answer frames where they arrive: from now on, hand every received batch to ``answer``.
+
+        Called once, from the event loop, before the first :meth:`receive_batch`.
+        The transport then calls ``answer(frames)`` from its own thread(s)
+        and sends the completions it returns at once, in order, on that
+        thread. Completions of work the loop runs (async handlers) are sent
+        later with :meth:`send_batch`, so sending must be thread-safe.
+        :meth:`receive_batch` then returns ``[]`` once the transport has
+        ended (end of stream, :meth:`stop_reading`, :meth:`aclose`) and no
+        call of ``answer`` is running or will run, and may return frames it
+        wants the loop to handle. Raises ``NotImplementedError`` unless
+        :attr:`answers_inline` is True.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not answer inline")
 
     async def __aenter__(self) -> Transport:
         return self

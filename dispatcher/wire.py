@@ -36,6 +36,10 @@ __all__ = [
     "ECHO",
     "HEADER",
     "HEADER_SIZE",
+    "HELLO",
+    "HELLO_REPLY",
+    "HELLO_REPLY_HEAD",
+    "HELLO_STRUCT",
     "IDS",
     "INTERCEPT",
     "INTERCEPT_LEAN",
@@ -48,6 +52,8 @@ __all__ = [
     "REGION_STRUCT",
     "REGISTER_FLAGS",
     "SEGMENT",
+    "SESSION_MAJOR",
+    "SESSION_MINOR",
     "SLOT_SIZE",
     "STRING_FIELDS",
     "UNKNOWN_VP",
@@ -74,10 +80,16 @@ ANNOUNCEMENT: Final = 0x1D00_0002
 REGION: Final = 0x1D00_0003
 CONTROL_REQUEST: Final = 0x1D00_0004
 CONTROL_REPLY: Final = 0x1D00_0005
+HELLO: Final = 0x1D00_0006
+HELLO_REPLY: Final = 0x1D00_0007
 
 PROTOCOL_VERSION: Final = 1
 UNKNOWN_VP: Final = 0xFFFF_FFFF
 """The VpIndex of a completion answering a frame too short to name its VP."""
+SESSION_MAJOR: Final = 1
+"""The opening exchange's major version: a HELLO with another one is refused (INCOMPATIBLE_VERSION)."""
+SESSION_MINOR: Final = 0
+"""The opening exchange's minor version: additions a peer of the same major may ignore."""
 
 HEADER_SIZE: Final = 16
 MAX_PAYLOAD: Final = 240
@@ -136,6 +148,13 @@ class Offset(enum.IntEnum):
     CONTROL_REQUEST_ID = 20
     CONTROL_REPLY_OFFSET = 24
     CONTROL_REPLY_DATA = 28
+    # The HELLO and HELLO_REPLY frames of the opening exchange.
+    HELLO_MAJOR = 16
+    HELLO_MINOR = 18
+    HELLO_CAPABILITIES = 20
+    HELLO_STATUS = 24
+    HELLO_REASON_LENGTH = 26
+    HELLO_REASON = 28
 
 
 # The header: MessageType, four bytes (PayloadSize and MessageFlags in the ABI), the source partition.
@@ -184,6 +203,13 @@ CONTROL_REQUEST_STRUCT: Final = struct.Struct("<I4BQ" "BBBxI")  # fmt: skip
 CONTROL_REPLY_HEAD: Final = struct.Struct("<I4BQ" "BBBxII")  # fmt: skip
 """A control reply's fixed part: header bytes, partition, Version, Flags, Status, reserved, RequestId,
 Offset; the document's bytes follow (PayloadSize - 12 of them)."""
+
+HELLO_STRUCT: Final = struct.Struct("<I4BQ" "HHI")  # fmt: skip
+"""HELLO (the VMM's first frame on a connection): header bytes, partition (the VM), Major, Minor,
+Capabilities."""
+HELLO_REPLY_HEAD: Final = struct.Struct("<I4BQ" "HHI" "BxH")  # fmt: skip
+"""HELLO_REPLY's fixed part: header bytes, partition (the VM), Major, Minor, Capabilities, Status,
+reserved, ReasonLength; the reason's UTF-8 bytes follow."""
 
 # Every AccessInfo byte the codec accepts: a size of 1, 2 or 4 and no REP
 # without StringOp. Bits 5-7 are reserved and therefore ignored.
@@ -398,6 +424,8 @@ _FIXED_PAYLOAD: Final = {
     REGION: ("a region frame", REGION_STRUCT.size - HEADER_SIZE),
     CONTROL_REQUEST: ("a control request", CONTROL_REQUEST_STRUCT.size - HEADER_SIZE),
     CONTROL_REPLY: ("a control reply", CONTROL_REPLY_HEAD.size - HEADER_SIZE),
+    HELLO: ("a HELLO", HELLO_STRUCT.size - HEADER_SIZE),
+    HELLO_REPLY: ("a HELLO_REPLY", HELLO_REPLY_HEAD.size - HEADER_SIZE),
 }
 _INTERCEPT_ONLY: Final = frozenset({IO_PORT_INTERCEPT})
 _COMPLETION_ONLY: Final = frozenset({COMPLETION})

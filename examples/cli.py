@@ -2,7 +2,8 @@
 
 This is the application layer: it joins the service in
 :mod:`transports.service` to the bundled example devices, which ``serve``
-offers when no ``--device`` is given. Each command imports what it needs
+offers when no ``--device`` is given (:data:`DEFAULT_DEVICES`, a spec each
+VM's worker process loads by name). Each command imports what it needs
 when it runs, so ``poke`` starts without loading the device models.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 from dispatcher import Router
 from transports.service.command_line import CommandParser
 
-__all__ = ["COMMAND_STATUSES", "DEMO_STATUSES", "main", "pc_router"]
+__all__ = ["COMMAND_STATUSES", "DEFAULT_DEVICES", "DEMO_STATUSES", "main", "pc_router"]
 
 log = logging.getLogger("intercept_dispatch.service")
 
@@ -51,6 +52,9 @@ def pc_router() -> Router:
 
     return build_pc(serial_sink=_LineLogger("COM1"), debug_sink=_LineLogger("debugcon")).router
 
+
+DEFAULT_DEVICES = ("examples.cli:pc_router",)
+"""The devices ``serve`` offers without ``--device``: :func:`pc_router`, made once per VM."""
 
 DEMO_STATUSES = {
     0: "the demo passed: the guest's output and every check were as expected",
@@ -94,7 +98,7 @@ def _demo(argv: list[str]) -> int:
 def _serve(argv: list[str]) -> int:
     from transports.service.server import main as serve_main
 
-    return serve_main(argv, default_devices=pc_router)
+    return serve_main(argv, default_devices=DEFAULT_DEVICES)
 
 
 def _poke(argv: list[str]) -> int:

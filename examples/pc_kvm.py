@@ -14,6 +14,11 @@ date (PIT, RTC, UART) at their next due time, at least every
 i8259A pair's INTR output goes to the vCPU, which acknowledges and injects
 (:mod:`transports.kvm.transport`).
 
+Threads: the device handlers run on the vCPU thread (the transport answers
+inline), the timers on the event loop; both, and the acknowledge cycle,
+hold the dispatcher's :attr:`~dispatcher.Dispatcher.lock`, so the devices
+never run on two threads at once.
+
 It ends when the guest writes the exit device (``exit_status``), asks for a
 reset, the vCPU stops (triple fault, HLT with interrupts off, an error), or
 ``timeout`` seconds pass (:attr:`PcResult.reason` says which).
@@ -21,11 +26,13 @@ reset, the vCPU stops (triple fault, HLT with interrupts off, an error), or
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.lowlevel
 
 from dispatcher import Dispatcher, IrqLine
 from transports.kvm import KvmTransport, StopReason, Vm
@@ -33,11 +40,13 @@ from transports.kvm import KvmTransport, StopReason, Vm
 from .ata import AtaDisk
 from .pc_devices import PC, build_pc
 
-__all__ = ["BIOS_TOP", "Outcome", "PcConfig", "PcResult", "TimeKeeper", "build_vm", "run_pc"]
+__all__ = ["BIOS_TOP", "LOCK_SLICE", "Outcome", "PcConfig", "PcResult", "TimeKeeper", "build_vm", "run_pc"]
 
 MiB = 1 << 20
 BIOS_TOP = 1 << 32  # the BIOS ROM ends at 4 GiB; the reset vector is its last 16 bytes
 LOW_BIOS_TOP = 1 * MiB
+LOCK_SLICE = 0.0005
+"""Seconds the event loop's thread blocks on the device lock at a time (the timers): then it lets the loop run."""
 
 
 def _discard(data: bytes) -> None:
@@ -160,11 +169,17 @@ class TimeKeeper:
         return due
 
 
-async def _keep_time(keeper: TimeKeeper, interval: float) -> None:
-    # The devices have no threads: bring their interrupt lines up to date when they are due.
+async def _keep_time(keeper: TimeKeeper, interval: float, lock: threading.RLock) -> None:
+    # The devices have no threads: bring their interrupt lines up to date when they are due. Their handlers run
+    # on the vCPU thread meanwhile, so this holds the VM's device lock (taken without blocking the event loop).
     while True:
-        keeper.poll()
-        due = keeper.next_due()
+        while not lock.acquire(timeout=LOCK_SLICE):
+            await anyio.lowlevel.checkpoint()  # a handler holds it: let the loop run meanwhile
+        try:
+            keeper.poll()
+            due = keeper.next_due()
+        finally:
+            lock.release()
         now = time.monotonic()
         await anyio.sleep(interval if due is None else min(max(due - now, 0.0), interval))
 
@@ -230,8 +245,10 @@ async def run_pc(
             intr.receiver, intr.line = transport, 0
             transport.set_irq(0, intr.level)
             dispatcher = dispatcher_factory(transport, pc) if dispatcher_factory is not None else Dispatcher(pc.router)
+            # The interrupt acknowledge cycle (the PIC) runs on the vCPU thread: under the VM's device lock.
+            transport.lock = dispatcher.lock
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_keep_time, TimeKeeper(pc), config.poll_interval)
+                tg.start_soon(_keep_time, TimeKeeper(pc), config.poll_interval, dispatcher.lock)
                 with anyio.move_on_after(config.timeout if config.timeout is not None else float("inf")) as scope:
                     await dispatcher.serve(transport)
                 if scope.cancelled_caught:

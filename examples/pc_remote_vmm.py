@@ -1,7 +1,9 @@
 """The PC with its devices in another process: every intercept goes to ``python -m examples serve``.
 
 The VMM keeps only the vCPU and guest memory. It connects to the service's
-UNIX socket, waits for the port announcement, shares every memory slot
+UNIX socket (refusing one served by a user it does not trust), says HELLO
+as VM 0, reads the service's HELLO_REPLY and port announcement
+(:func:`~transports.service.client.open_session`), shares every memory slot
 (memfd, SCM_RIGHTS: string I/O in the service reads and writes guest RAM in
 place) and then relays: intercept frames from the vCPU threads to the
 socket, completions back. The board's signals come through the service's
@@ -24,24 +26,23 @@ from __future__ import annotations
 import anyio
 
 from dispatcher import (
-    ANNOUNCEMENT,
     COMPLETION,
     Access,
     Completion,
     DispatchError,
     PortRange,
     Status,
-    TransportClosedError,
     TransportError,
-    decode_announcement,
     decode_completion,
     frame_ids,
     message_type,
 )
 from transports.kvm import KvmTransport
 from transports.service import io_intercept
+from transports.service.client import open_session
 from transports.service.command_line import describe_unreachable
 from transports.shared_memory import share_region
+from transports.socket_path import allowed_server_uids, check_server
 from transports.unix import UnixTransport, connect_unix
 
 from .pc_kvm import Outcome, PcConfig, PcResult, build_vm
@@ -53,14 +54,13 @@ __all__ = [
     "RemotePlatform",
     "check_platform",
     "forward",
-    "read_announcement",
     "run_remote_pc",
     "serve_command",
     "share_memory",
 ]
 
 ANNOUNCE_TIMEOUT = 30.0
-"""Seconds to wait for the service's port announcement (it is sent at once on connecting)."""
+"""Seconds to wait for the service's HELLO_REPLY and port announcement (sent at once after the HELLO)."""
 PLATFORM_PORTS = range(PLATFORM_BASE, PLATFORM_BASE + 16)
 
 
@@ -71,23 +71,6 @@ class RemotePcError(DispatchError):
 def serve_command(socket: str) -> str:
     """The command that serves the PC's devices, platform block included, at ``socket``."""
     return f"python -m examples serve --socket {socket} --device examples.pc_remote_devices:pc_devices"
-
-
-async def read_announcement(connection: UnixTransport, *, timeout: float = ANNOUNCE_TIMEOUT) -> list[PortRange]:
-    """The port ranges the service announces on connecting (before anything else is sent)."""
-    ranges: list[PortRange] = []
-    with anyio.move_on_after(timeout):
-        while frames := await connection.receive_batch():
-            for frame in frames:
-                kind = message_type(frame)
-                if kind != ANNOUNCEMENT:
-                    raise TransportError(f"the service sent a frame of type {kind:#x} before its port announcement")
-                part, final = decode_announcement(frame)
-                ranges.extend(part)
-                if final:
-                    return ranges
-        raise TransportClosedError("the service closed the connection before announcing its ports")
-    raise TransportError(f"no port announcement from the service within {timeout:g} s")
 
 
 def check_platform(ranges: list[PortRange], socket: str) -> None:
@@ -137,14 +120,12 @@ class RemotePlatform:
 
 
 async def _receive(connection: UnixTransport, platform: RemotePlatform | None, transport: KvmTransport) -> None:
-    # Everything the service sends: its announcement first, then completions for the vCPUs or the platform.
+    # Everything the service sends after the opening: completions for the vCPUs or the platform.
     try:
         while frames := await connection.receive_batch():
             for_vcpus = []
             for frame in frames:
                 kind = message_type(frame)
-                if kind == ANNOUNCEMENT:
-                    continue
                 if kind != COMPLETION:
                     raise TransportError(f"the service sent a frame of type {kind:#x}")
                 if platform is not None and frame_ids(frame)[1] == PLATFORM_VP:
@@ -173,7 +154,8 @@ async def share_memory(transport: KvmTransport, connection: UnixTransport) -> No
 async def forward(transport: KvmTransport, connection: UnixTransport) -> None:
     """Relay the vCPUs' intercepts to the service and its completions back until the vCPUs stop.
 
-    Share the memory first (:func:`share_memory`) for string I/O to work.
+    Open the session first (:func:`~transports.service.client.open_session`), and share the memory
+    (:func:`share_memory`) for string I/O to work.
     """
     async with anyio.create_task_group() as tg:
         tg.start_soon(_receive, connection, None, transport)
@@ -216,17 +198,21 @@ async def run_remote_pc(config: PcConfig, socket: str) -> PcResult:
     outcome = Outcome(config)
     vm = build_vm(config)
     with vm:
+        where = f"the service at {socket}"
         try:
-            connection = await connect_unix(socket)
+            connection = await connect_unix(socket, name=where)
         except (OSError, ValueError) as error:
             raise RemotePcError(describe_unreachable(socket, error, start=serve_command(socket))) from None
         try:
-            check_platform(await read_announcement(connection), socket)
+            check_server(connection.socket, allowed_server_uids(), path=socket)
+            _, ranges = await open_session(connection, where=where, timeout=ANNOUNCE_TIMEOUT)
+            check_platform(ranges, socket)
         except DispatchError as error:
             await connection.aclose()
             if isinstance(error, RemotePcError):
                 raise
-            raise RemotePcError(f"the service at {socket}: {error}") from None
+            # The errors name the service (or the socket) already.
+            raise RemotePcError(str(error)) from None
         platform = RemotePlatform(connection)
         transport = outcome.transport = KvmTransport(
             vm, posted_writes=config.posted_writes, interrupts=platform, kvm_path=config.kvm_path

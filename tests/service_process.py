@@ -1,4 +1,9 @@
-"""``python -m examples serve`` as a child process, for the tests of every directory."""
+"""``python -m examples serve`` as a child process, for the tests of every directory.
+
+The service never imports device code from its working directory: the
+directory a test names as ``cwd`` (where its device modules live) is passed
+as ``--device-path``.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ class ServiceProcess:
         ready_timeout: float = 30.0,
     ) -> None:
         self.socket = socket
+        args = ("--device-path", str(cwd), *args)
         if socket is not None:
             args = (*args, "--socket", str(socket))
         self.log_path = tmp / f"service-{time.monotonic_ns()}.log"

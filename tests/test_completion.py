@@ -101,9 +101,14 @@ def test_an_empty_announcement_is_one_final_frame() -> None:
     assert decode_announcement(frame) == ([], True)
 
 
-def test_a_bad_announcement_entry_names_its_offset() -> None:
-    frame = bytearray(encode_announcement([PortRange(0x60, 0x64, Access.READ_WRITE)])[0])
-    frame[28] = 0  # access mask of entry 0
+def test_a_bad_announcement_entry_names_its_field_and_offset() -> None:
+    good = PortRange(0x10, 0x10, Access.READ)
+    frame = bytearray(encode_announcement([good, PortRange(0x60, 0x64, Access.READ_WRITE)])[0])
+    frame[36] = 0  # access mask of entry 1
     with pytest.raises(FieldValueError) as caught:
         decode_announcement(bytes(frame))
-    assert caught.value.offset == 24
+    assert (caught.value.field, caught.value.offset, caught.value.value) == ("entries[1].access", 36, 0)
+    frame = bytearray(encode_announcement([good, PortRange(0x60, 0x5F, Access.READ)])[0])
+    with pytest.raises(FieldValueError) as caught:
+        decode_announcement(bytes(frame))
+    assert (caught.value.field, caught.value.offset, caught.value.value) == ("entries[1].last_port", 34, 0x5F)

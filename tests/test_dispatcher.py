@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import socket
+import threading
+
 import anyio
 import pytest
 
@@ -14,10 +19,13 @@ from dispatcher import (
     PortAccess,
     Router,
     Status,
+    Transport,
     decode_completion,
 )
 from transports.memory import memory_transport_pair
+from transports.pipe import PipeTransport
 from transports.testing import CompletionError, CpuMode, FakePartition, FakeVP
+from transports.unix import UnixTransport
 
 pytestmark = pytest.mark.anyio
 
@@ -235,3 +243,56 @@ async def test_runtime_install_and_remove_takes_effect_on_the_next_intercept(rou
         assert await vp.inb(0x3F0) == 0x12
         router.remove(claim)
         assert await vp.inb(0x3F0) == 0xFF
+
+
+@pytest.mark.parametrize("argument", ["max_queued", "max_jobs", "max_elements"])
+def test_bounds_below_one_are_refused_naming_the_argument(argument: str) -> None:
+    with pytest.raises(ValueError, match=f"{argument} must be at least 1, not 0"):
+        Dispatcher(Router(), **{argument: 0})  # type: ignore[arg-type]
+
+
+async def test_serve_for_one_partition_refuses_the_others_on_the_loop_path(router: Router) -> None:
+    client, server = memory_transport_pair()
+    dispatcher = Dispatcher(router)
+    mine = IoPortInterceptMessage(port_number=0x3FF, access_info=AccessInfo.build(1), source_partition=5).to_bytes()
+    other = IoPortInterceptMessage(port_number=0x3FF, access_info=AccessInfo.build(1), source_partition=6).to_bytes()
+    async with anyio.create_task_group() as tg:
+        await tg.start(functools.partial(dispatcher.serve, server, partition=5))
+        await client.send_batch([mine, other])
+        got: list[Completion] = []
+        while len(got) < 2:
+            got += [decode_completion(f) for f in await client.receive_batch()]
+        dispatcher.stop()
+    assert [(c.source_partition, c.status) for c in got] == [(5, Status.COMPLETED), (6, Status.PROTOCOL_ERROR)]
+
+
+@pytest.mark.parametrize("kind", ["unix", "pipe"])
+async def test_byte_stream_transports_answer_synchronous_handlers_on_their_own_thread(kind: str) -> None:
+    router = Router()
+    threads: list[int] = []
+
+    @router.claim(0x3FF)
+    def where(access: PortAccess) -> int:
+        threads.append(threading.get_ident())
+        return 0x33
+
+    if kind == "unix":
+        a, b = socket.socketpair()
+        server: Transport = UnixTransport(a)
+        client: Transport = UnixTransport(b)
+    else:
+        to_server, to_client = os.pipe(), os.pipe()
+        server = PipeTransport(to_server[0], to_client[1])
+        client = PipeTransport(to_client[0], to_server[1])
+    dispatcher = Dispatcher(router)
+    async with anyio.create_task_group() as tg:
+        await tg.start(dispatcher.serve, server)
+        await client.send_batch([frame(0x3FF, vp=0), frame(0x3FF, vp=1)])
+        got: list[Completion] = []
+        while len(got) < 2:
+            got += [decode_completion(f) for f in await client.receive_batch()]
+        dispatcher.stop()
+        assert await client.receive_batch() == []  # the service side ended after stop()
+    await client.aclose()
+    assert [c.rax & 0xFF for c in got] == [0x33, 0x33]
+    assert len(threads) == 2 and threading.get_ident() not in threads

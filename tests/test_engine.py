@@ -26,6 +26,7 @@ from dispatcher import (
     Status,
     decode_completion,
 )
+from dispatcher.wire import Offset
 
 
 def message(port: int, size: int = 1, *, write: bool = False, rax: int = 0, vp: int = 0) -> IoPortInterceptMessage:
@@ -266,3 +267,58 @@ def test_async_intercepts_queued_behind_an_async_job_all_complete_in_order() -> 
         completions += [decode_completion(c).rax & 0xFF for c in more]
     assert completions == [0x00, 0x01, 0x02, 0x03]
     assert not engine.busy
+
+
+def test_queued_counts_the_frames_waiting_behind_busy_vps() -> None:
+    router = Router()
+
+    async def read(access: PortAccess) -> int:
+        return 1
+
+    router.add(read, 0x100)
+    router.add(lambda access: 2, 0x200)
+    engine = Engine(router, deadline=None)
+    out, jobs = engine.receive([frame(0x100), frame(0x200), frame(0x200), frame(0x200, vp=1)])
+    assert engine.queued == 2 and len(out) == 1 and len(jobs) == 1  # VP 1 is not behind VP 0
+    more, next_jobs = engine.finish(jobs[0], [1])
+    assert engine.queued == 0 and len(more) == 3 and not next_jobs
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_frames_of_another_partition_are_refused_before_any_device(
+    inline: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    router = Router()
+    seen: list[int] = []
+
+    def record(access: PortAccess) -> int:
+        seen.append(access.partition)
+        return 0
+
+    router.add(record, 0x60)
+    engine = Engine(router, partition=3, inline=inline)
+    frames = [replace(message(0x60), source_partition=p).to_bytes() for p in (3, 4)]
+    with caplog.at_level(logging.WARNING, logger="intercept_dispatch.engine"):
+        completions = run(engine, *frames)
+    assert seen == [3]
+    assert [(c.source_partition, c.status) for c in completions] == [(3, Status.COMPLETED), (4, Status.PROTOCOL_ERROR)]
+    assert completions[1].detail == Offset.PARTITION
+    assert "frame for partition 4 on VM 3's connection" in caplog.text
+    assert engine.stats.protocol_errors == 1
+
+
+def test_any_partition_is_served_without_one_named() -> None:
+    router = Router()
+    router.add(lambda access: access.partition, 0x60)
+    frames = [replace(message(0x60), source_partition=p).to_bytes() for p in (3, 4)]
+    assert [c.rax & 0xFF for c in run(Engine(router), *frames)] == [3, 4]
+
+
+def test_an_abandoned_intercept_completes_as_a_dead_device_past_its_deadline() -> None:
+    router = Router()
+    router.add(lambda access: 0x12, 0x60)
+    engine = Engine(router)
+    (completion,) = [decode_completion(engine.abandoned(frame(0x60, 2, rax=0xAAAA_0000)))]
+    assert completion.status is Status.DEADLINE_EXCEEDED
+    assert completion.rax == 0xAAAA_FFFF and completion.registers == Registers.RIP | Registers.RAX
+    assert engine.stats.deadline_exceeded == 1

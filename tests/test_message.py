@@ -11,18 +11,27 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dispatcher import (
+    ANNOUNCEMENT,
+    COMPLETION,
+    Access,
     AccessInfo,
     AccessType,
     ExecutionState,
     FieldValueError,
     FrameError,
     IoPortInterceptMessage,
+    PortRange,
     SegmentAttributes,
     SegmentRegister,
     ShortFrameError,
     UnknownMessageTypeError,
+    decode_announcement,
+    decode_completion,
     decode_message,
+    encode_announcement,
 )
+from dispatcher.wire import CONTROL_REPLY, CONTROL_REQUEST
+from transports.service.control import decode_reply, decode_request, encode_reply
 
 
 def put(frame: bytearray, offset: int, size: int, value: int) -> None:
@@ -315,3 +324,65 @@ def test_arbitrary_payloads_under_a_valid_header_decode_or_raise_frame_errors(ta
     except FrameError:
         return
     assert message.to_bytes()[16:] == data[16:]
+
+
+# The other decoders of frames a peer sends: a short or arbitrary frame is a FrameError naming the field.
+
+
+@pytest.mark.parametrize("size", range(8))
+def test_an_announcement_with_a_short_payload_names_payload_size(size: int) -> None:
+    frame = struct.pack("<IBBHQ", ANNOUNCEMENT, size, 0, 0, 0) + bytes(size)
+    with pytest.raises(FieldValueError) as caught:
+        decode_announcement(frame)
+    assert (caught.value.field, caught.value.offset, caught.value.value) == ("payload_size", 4, size)
+
+
+def test_an_announcement_cut_short_names_the_missing_payload() -> None:
+    frame = encode_announcement([PortRange(1, 2, Access.READ)])[0]
+    with pytest.raises(ShortFrameError) as caught:
+        decode_announcement(frame[:20])
+    assert (caught.value.field, caught.value.offset) == ("payload", 20)
+
+
+def test_an_announcement_whose_count_outruns_its_payload_names_entry_count() -> None:
+    frame = bytearray(encode_announcement([PortRange(1, 2, Access.READ)])[0])
+    frame[18] = 2
+    with pytest.raises(FieldValueError) as caught:
+        decode_announcement(bytes(frame))
+    assert (caught.value.field, caught.value.offset, caught.value.value) == ("entry_count", 18, 2)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "offset", "value"),
+    [((16, 2), "version", 16, 2), ((18, 9), "status", 18, 9)],
+)
+def test_a_control_reply_names_a_bad_version_or_status(
+    change: tuple[int, int], field: str, offset: int, value: int
+) -> None:
+    frame = bytearray(encode_reply(b"{}")[0])
+    frame[change[0]] = change[1]
+    with pytest.raises(FieldValueError) as caught:
+        decode_reply(bytes(frame))
+    assert (caught.value.field, caught.value.offset, caught.value.value) == (field, offset, value)
+
+
+DECODERS = (decode_announcement, decode_completion, decode_reply, decode_request)
+
+
+@given(st.binary(max_size=300))
+def test_every_decoder_raises_only_frame_errors_on_arbitrary_bytes(data: bytes) -> None:
+    for decode in DECODERS:
+        with contextlib.suppress(FrameError):
+            decode(data)
+
+
+@given(
+    st.sampled_from([ANNOUNCEMENT, COMPLETION, CONTROL_REQUEST, CONTROL_REPLY]),
+    st.integers(0, 255),
+    st.binary(max_size=260),
+)
+def test_every_decoder_raises_only_frame_errors_under_its_own_message_type(kind: int, size: int, tail: bytes) -> None:
+    data = struct.pack("<IB", kind, size) + tail
+    for decode in DECODERS:
+        with contextlib.suppress(FrameError):
+            decode(data)

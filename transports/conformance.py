@@ -80,9 +80,18 @@ and what the transport got wrong:
   ``aclose()`` raises it too, and closing twice is harmless.
 
 Every check also requires that nothing outlives the pair: no task started
-during the check is still running once the context manager has exited,
-and (where ``/proc/self/fd`` exists) no file descriptor opened during it is
-still open.
+during the check is still running once the context manager has exited, no
+thread started during it is still running soon after (a thread may take a
+moment to return once told to end; the wait is bounded), and (where
+``/proc/self/fd`` exists) no file descriptor opened during it is still
+open.
+
+A transport that declares :attr:`~dispatcher.Transport.answers_inline` is
+served inline, as a Dispatcher always serves it: its own thread calls the
+dispatcher's answer function and sends the completions, the loop sends
+those of async handlers, and every check above holds for it too (order
+across the two senders, exactly one completion, graceful stop, a closed
+peer, nothing leaked, the reader thread included).
 
 Every wait is bounded (10 seconds), so a broken transport fails rather
 than hangs; nothing is asserted about speed. The Dispatcher runs without a
@@ -101,6 +110,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
@@ -275,6 +285,18 @@ def _conformance_check(func: Callable[P, Awaitable[None]]) -> Callable[P, Corout
     return check
 
 
+_THREAD_POOLS = ("AnyIO worker", "Trio thread")
+
+
+def _new_threads(before: set[threading.Thread]) -> list[str]:
+    # anyio's and trio's worker threads are pools that outlive any one use of them.
+    return [
+        thread.name
+        for thread in threading.enumerate()
+        if thread not in before and thread.is_alive() and not thread.name.startswith(_THREAD_POOLS)
+    ]
+
+
 def _open_fds() -> set[int] | None:
     try:
         listed = [int(name) for name in os.listdir("/proc/self/fd")]
@@ -303,6 +325,7 @@ def _describe_fd(fd: int) -> str:
 async def _connected(check: str, connect: Connect) -> AsyncIterator[tuple[Transport, Transport]]:
     """A fresh pair from ``connect``; afterwards, fail if a task or descriptor outlived it."""
     tasks = {task.id for task in anyio.get_running_tasks()}
+    threads = set(threading.enumerate())
     fds = _open_fds()
     with _within(check, "connect() did not yield a pair"):
         manager = connect()
@@ -319,6 +342,9 @@ async def _connected(check: str, connect: Connect) -> AsyncIterator[tuple[Transp
     left = [task.name for task in anyio.get_running_tasks() if task.id not in tasks]
     if left:
         _fail(check, f"tasks still running after the pair was closed: {left}")
+    with _within(check, lambda: f"threads still running after the pair was closed: {_new_threads(threads)}"):
+        while _new_threads(threads):
+            await anyio.sleep(0.001)
     now = _open_fds()
     if fds is not None and now is not None and now - fds:
         leaked = ", ".join(_describe_fd(fd) for fd in sorted(now - fds))

@@ -21,17 +21,18 @@ import logging
 import os
 import socket
 import stat
-import struct
 from collections import deque
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
 
 import anyio
 import anyio.lowlevel
 
 from dispatcher import TransportClosedError, TransportError
+from dispatcher.device_lock import Acquire
+from dispatcher.transport import InlineAnswer
 
 from .fdstream import READ_SIZE, FdStreamTransport
+from .socket_path import PeerCredentials, default_socket_path, peer_credentials
 
 __all__ = ["DEFAULT_MODE", "PeerCredentials", "UnixListener", "UnixTransport", "connect_unix", "default_socket_path"]
 
@@ -44,28 +45,7 @@ MAX_FDS_PER_READ = 16
 MAX_QUEUED_FDS = 64
 """Descriptors received and not yet taken; more is a protocol error."""
 
-_UCRED = struct.Struct("3i")
 _FD = array.array("i").itemsize
-
-
-def default_socket_path() -> str:
-    """Where a service listens unless told otherwise.
-
-    ``$XDG_RUNTIME_DIR/intercept-dispatch.sock`` (a per-user directory only
-    its owner can enter), else ``/tmp/intercept-dispatch-<uid>.sock``.
-    """
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return os.path.join(runtime, "intercept-dispatch.sock")
-    return f"/tmp/intercept-dispatch-{os.getuid()}.sock"
-
-
-class PeerCredentials(NamedTuple):
-    """The peer process as the kernel saw it when the socket connected (SO_PEERCRED)."""
-
-    pid: int
-    uid: int
-    gid: int
 
 
 class UnixTransport(FdStreamTransport):
@@ -81,32 +61,61 @@ class UnixTransport(FdStreamTransport):
 
     def peer_credentials(self) -> PeerCredentials:
         """Who is at the other end: pid, uid and gid from SO_PEERCRED."""
-        return PeerCredentials._make(
-            _UCRED.unpack(self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-        )
+        return peer_credentials(self.socket)
 
     def _read(self) -> bytes:
-        data, ancillary, flags, _ = self.socket.recvmsg(READ_SIZE, self._ancillary_size)
+        data, ancillary, flags, _ = self.socket.recvmsg(READ_SIZE, self._ancillary_size, socket.MSG_DONTWAIT)
         if ancillary:
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(payload[: len(payload) - len(payload) % _FD])
-                    self._fds.extend(fds)
-            if flags & socket.MSG_CTRUNC:
-                raise TransportError(f"{self.name}: more than {MAX_FDS_PER_READ} descriptors arrived at once")
-            if len(self._fds) > MAX_QUEUED_FDS:
-                raise TransportError(f"{self.name}: {len(self._fds)} descriptors received and not taken")
+            self._keep_fds(ancillary, flags)
         return data
 
-    def _write(self, data: memoryview) -> int:
-        return self.socket.send(data)
+    def _keep_fds(self, ancillary: list[tuple[int, int, bytes]], flags: int) -> None:
+        # Descriptors queue in stream order, for take_fds.
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % _FD])
+                self._fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            raise TransportError(f"{self.name}: more than {MAX_FDS_PER_READ} descriptors arrived at once")
+        if len(self._fds) > MAX_QUEUED_FDS:
+            raise TransportError(f"{self.name}: {len(self._fds)} descriptors received and not taken")
+
+    def _write(self, data: bytes | memoryview) -> int:
+        # MSG_DONTWAIT: inline, the socket itself is blocking (for the reader thread).
+        return self.socket.send(data, socket.MSG_DONTWAIT)
+
+    def _blocking_reader(self) -> Callable[[], bytes]:
+        recvmsg, size, ancillary_size, keep_fds = self.socket.recvmsg, READ_SIZE, self._ancillary_size, self._keep_fds
+
+        def read() -> bytes:
+            data, ancillary, flags, _ = recvmsg(size, ancillary_size)
+            if ancillary:
+                keep_fds(ancillary, flags)
+            return data
+
+        return read
+
+    def start_inline(self, answer: InlineAnswer) -> None:
+        """Answer on a reader thread of this connection (see :meth:`.FdStreamTransport.start_inline`).
+
+        The socket is switched to blocking mode, so that thread waits in the
+        read itself; every other read and write passes MSG_DONTWAIT.
+        """
+        if not self._closed and self._thread is None:
+            self.socket.setblocking(True)
+        super().start_inline(answer)
 
     def _interrupt_read(self) -> None:
         # The kernel does the rest: data already queued is still read, then end
         # of stream; the peer's later writes fail with EPIPE, so it learns at once.
         with contextlib.suppress(OSError):
             self.socket.shutdown(socket.SHUT_RD)
+
+    def _hang_up(self) -> None:
+        # Wakes the inline reader thread's poll, and the peer learns at once.
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_RDWR)
 
     def _close_fds(self) -> None:
         while self._fds:
@@ -137,21 +146,27 @@ class UnixTransport(FdStreamTransport):
         if not frame or not 1 <= len(fds) <= MAX_FDS_PER_READ:
             raise ValueError(f"send_fds needs a frame and 1..{MAX_FDS_PER_READ} descriptors")
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-        async with self._write_lock:
-            while True:
-                if self._closed:
-                    raise TransportClosedError(f"{self.name}: the transport is closed")
-                try:
-                    sent = self.socket.sendmsg([frame], ancillary)
-                    break
-                except BlockingIOError:
+        async with self._loop_writer:
+            lock = self._write_lock
+            if not lock.acquire(blocking=False):
+                await Acquire(lock, anyio.lowlevel.checkpoint)
+            try:
+                while True:
+                    if self._closed:
+                        raise TransportClosedError(f"{self.name}: the transport is closed")
                     try:
-                        await anyio.wait_writable(self._write_fd)
-                    except anyio.ClosedResourceError:
-                        raise TransportClosedError(f"{self.name}: closed while writing") from None
-                except OSError as error:
-                    raise self._failure("write", error) from error
-            await self._write_all(memoryview(frame)[sent:], begun=True)
+                        sent = self.socket.sendmsg([frame], ancillary, socket.MSG_DONTWAIT)
+                        break
+                    except BlockingIOError:
+                        try:
+                            await anyio.wait_writable(self._write_fd)
+                        except anyio.ClosedResourceError:
+                            raise TransportClosedError(f"{self.name}: closed while writing") from None
+                    except OSError as error:
+                        raise self._failure("write", error) from error
+                await self._write_all(memoryview(frame)[sent:], begun=True)
+            finally:
+                lock.release()
 
 
 async def connect_unix(path: str | os.PathLike[str], *, name: str | None = None) -> UnixTransport:

@@ -19,17 +19,22 @@ __all__ = [
     "EXIT_PASS",
     "EXIT_PORT",
     "GUESTS",
+    "IN_LOOP_PORT",
     "LOAD_ADDRESS",
     "NOWHERE_PORT",
     "OUT_LOOP_COUNT_OFFSET",
     "ROM_CHECK_ADDRESS",
     "ROM_CHECK_IMAGE",
+    "SMP_DONE_PORT",
+    "SMP_TICKET_PORT",
     "GuestInfo",
     "guest_bytes",
     "guest_source",
+    "in_loop_image",
     "mbr_checksum",
     "mbr_checksum_image",
     "out_loop_image",
+    "smp_tickets_image",
 ]
 
 LOAD_ADDRESS: Final = 0x7C00
@@ -38,7 +43,10 @@ EXIT_PASS: Final = 0x00
 ECHO_PORT: Final = 0xE0  # 4-byte echo latch at 0xE0-0xE3 (QEMU pc-testdev compatible)
 NOWHERE_PORT: Final = 0xEC  # no device: the io_* guests expect all-ones reads
 UART_BASE: Final = 0x3F8
-OUT_LOOP_COUNT_OFFSET: Final = 4  # u32 N inside out_loop.bin
+OUT_LOOP_COUNT_OFFSET: Final = 4  # u32 N inside out_loop.bin (and in_loop.bin, smp_tickets.bin)
+IN_LOOP_PORT: Final = 0xE4  # in_loop reads this port (8-bit) N times
+SMP_TICKET_PORT: Final = 0x520  # smp_tickets: take a ticket (IN, 32-bit) at +0, give it back (OUT, 32-bit) at +4
+SMP_DONE_PORT: Final = 0x528  # smp_tickets: each vCPU's status (OUT, 8-bit) when done
 ROM_CHECK_ADDRESS: Final = 0xF0000
 ROM_CHECK_IMAGE: Final = bytes([0xB3, 0x42, 0xCB]).ljust(0x10, b"\x00") + b"\xaa"  # what rom_check.asm expects
 
@@ -64,6 +72,16 @@ GUESTS: Final[dict[str, GuestInfo]] = {
         GuestInfo("io_prot32", "protected32", "IN/OUT/INS/OUTS self-checks in 32-bit protected mode", checks=21),
         GuestInfo("io_long64", "long64", "IN/OUT/INS/OUTS self-checks in 64-bit long mode", checks=22),
         GuestInfo("out_loop", "protected32", "out 0x80, al N times (N at image offset 4), then exit 0"),
+        GuestInfo(
+            "in_loop",
+            "protected32",
+            "in al, dx (port 0xE4) N times (N at image offset 4), the sum of the bytes to 0xE0, then exit 0",
+        ),
+        GuestInfo(
+            "smp_tickets",
+            "protected32",
+            "on every vCPU: N tickets taken (IN 0x520) and given back (OUT 0x524), status to 0x528, cli; hlt",
+        ),
         GuestInfo("io_probe", "all", "I/O cases in real, 32-bit and 64-bit mode for transports.kvm.probe"),
         GuestInfo("rom_check", "real", "far-calls code in a ROM slot at 0xF0000 and tries to overwrite a ROM byte"),
         GuestInfo("irq_real", "real", "takes vector 0x20 injected with KVM_INTERRUPT, reports it on port 0xE0"),
@@ -92,13 +110,27 @@ def guest_source(name: str) -> str:
     return resources.files(__name__).joinpath(f"{name}.asm").read_text()
 
 
-def out_loop_image(count: int) -> bytes:
-    """``out_loop`` patched to execute ``count`` OUTs (1 <= count < 2**32)."""
+def _counted(name: str, count: int) -> bytes:
     if not 1 <= count < 2**32:
         raise ValueError(f"count {count} out of range 1..2**32-1")
-    image = bytearray(guest_bytes("out_loop"))
+    image = bytearray(guest_bytes(name))
     struct.pack_into("<I", image, OUT_LOOP_COUNT_OFFSET, count)
     return bytes(image)
+
+
+def out_loop_image(count: int) -> bytes:
+    """``out_loop`` patched to execute ``count`` OUTs (1 <= count < 2**32)."""
+    return _counted("out_loop", count)
+
+
+def in_loop_image(count: int) -> bytes:
+    """``in_loop`` patched to execute ``count`` INs (1 <= count < 2**32)."""
+    return _counted("in_loop", count)
+
+
+def smp_tickets_image(count: int) -> bytes:
+    """``smp_tickets`` patched so that every vCPU takes and gives back ``count`` tickets (1 <= count < 2**32)."""
+    return _counted("smp_tickets", count)
 
 
 MBR_CHUNK_OFFSET: Final = 0x1B4  # u16 sectors per INT 13h call in mbr_checksum.bin

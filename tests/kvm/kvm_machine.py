@@ -57,6 +57,7 @@ async def run_guest(
     for device in (Uart16550(run.serial.extend), run.echo, run.exit, *devices):
         router.include(device)
     run.dispatcher = Dispatcher(router, deadline=None)
+    transport.lock = run.dispatcher.lock  # the interrupt acknowledge cycle runs device code on the vCPU thread
     with anyio.move_on_after(timeout) as scope:
         await run.dispatcher.serve(wrap(transport) if wrap is not None else transport)
     if scope.cancelled_caught:

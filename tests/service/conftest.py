@@ -20,7 +20,9 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 def service(anyio_backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """``serve --device service_devices:router`` on a fresh socket, the event loop matching the test's."""
     tmp = tmp_path_factory.mktemp(f"service-{anyio_backend}")
-    process = ServiceProcess(tmp, *SERVE_ARGS, socket=tmp / "s.sock", backend=anyio_backend)
+    # A hundred connections of this one user at once in one test: past the default limit per user.
+    args = (*SERVE_ARGS, "--max-connections-per-uid", "256")
+    process = ServiceProcess(tmp, *args, socket=tmp / "s.sock", backend=anyio_backend)
     yield process
     assert process.stop() == 0, process.log
 

@@ -134,7 +134,7 @@ def test_a_config_file_that_is_not_toml_names_file_line_and_column(tmp_path: Pat
         ("metrics_port = 99999", "metrics_port: 99999 is not a TCP port (0 to 65535; 0 picks a free one)"),
         ("allow_uid = [-5]", "allow_uid: -5 is not a user id (0 to 4294967294)"),
         ("stdio = 1", "stdio: 1 is not true or false"),
-        ("colour = true", "unknown setting(s) colour; known: allow_uid, backend"),
+        ("colour = true", "unknown setting(s) colour; known: address_space, allow_uid, backend"),
     ],
 )
 def test_a_bad_value_in_the_config_file_is_named(tmp_path: Path, text: str, why: str) -> None:

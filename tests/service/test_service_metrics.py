@@ -1,7 +1,7 @@
 """Counts and latency per device and per VM, device inspection, and the documents a control request gets.
 
-The service's own dispatcher runs here in-process, driven by fake VPs of
-several partitions (a VM is a partition id).
+The in-process service runs here, each VM's dispatcher driven by fake VPs of
+that VM's partition (a VM is a partition id, with devices of its own).
 """
 
 from __future__ import annotations
@@ -84,22 +84,24 @@ def build() -> tuple[Router, Latch]:
 
 @pytest.fixture
 async def service() -> AsyncIterator[Service]:
-    router, _ = build()
-    yield Service(router, deadline=None)
+    yield Service(lambda: build()[0], deadline=None)
+
+
+def vm(service: Service, number: int) -> FakePartition:
+    """Fake VPs of VM ``number``, wired to that VM's own dispatcher."""
+    devices = service.vm(number)
+    return FakePartition(devices.router, partition_id=number, dispatcher=devices.dispatcher)
 
 
 async def test_calls_and_failures_are_counted_per_device_and_per_vm(service: Service) -> None:
-    async with (
-        FakePartition(service.router, partition_id=1, dispatcher=service.dispatcher) as vm1,
-        FakePartition(service.router, partition_id=2, dispatcher=service.dispatcher) as vm2,
-    ):
+    async with vm(service, 1) as vm1, vm(service, 2) as vm2:
         await vm1.vp(0).outw(0x510, 0xBEEF)
         assert await vm1.vp(1).inb(0x511) == 0xBE
         assert await vm2.vp(0).inb(0x700) == 0x42
         with pytest.raises(CompletionError):
             await vm2.vp(0).inb(0x514)
         await vm2.vp(0).inb(0x5FF)  # unclaimed: counted in the totals only
-    document = service.stats_document()
+    document = await service.stats_document()
     assert document["intercepts"]["received"] == 5 and document["intercepts"]["handler_failed"] == 1
     devices = {d["name"]: d for d in document["devices"]}
     assert (devices["Latch.io"]["calls"], devices["Latch.io"]["ports"]) == (2, "0x510-0x511 rw")
@@ -114,12 +116,12 @@ async def test_calls_and_failures_are_counted_per_device_and_per_vm(service: Ser
 
 async def test_handler_latency_is_sampled_and_async_handlers_are_always_timed(service: Service) -> None:
     calls = 2 * SAMPLE_EVERY + 1
-    async with FakePartition(service.router, partition_id=1, dispatcher=service.dispatcher) as vm:
+    async with vm(service, 1) as vm1:
         for _ in range(calls):
-            await vm.vp(0).inb(0x510)
+            await vm1.vp(0).inb(0x510)
         for _ in range(3):
-            await vm.vp(0).inb(0x700)
-    devices = {d["name"]: d for d in service.stats_document(1)["vms"][0]["devices"]}
+            await vm1.vp(0).inb(0x700)
+    devices = {d["name"]: d for d in (await service.stats_document(1))["vms"][0]["devices"]}
     timed = devices["Latch.io"]["latency"]
     # Calls 1, 65 and 129 of this VM were timed.
     assert devices["Latch.io"]["calls"] == calls and timed["samples"] == 3
@@ -128,25 +130,32 @@ async def test_handler_latency_is_sampled_and_async_handlers_are_always_timed(se
 
 
 async def test_a_vm_never_seen_is_refused(service: Service) -> None:
-    async with FakePartition(service.router, partition_id=1, dispatcher=service.dispatcher) as vm:
-        await vm.vp(0).inb(0x600)
-    reply = service.answer(ControlRequest(Request.STATS, 5, 9))
+    async with vm(service, 1) as vm1:
+        await vm1.vp(0).inb(0x600)
+    reply = await service.answer(ControlRequest(Request.STATS, 5, 9))
     assert reply.status is ControlStatus.NO_SUCH_VM
-    assert reply.document == b"no intercept from VM 9 has reached a device; VMs seen: 1"
-    assert service.answer(ControlRequest(Request.INSPECT, 5, 9)).status is ControlStatus.NO_SUCH_VM
-    assert service.answer(ControlRequest(99, 5, None)).status is ControlStatus.UNKNOWN_REQUEST
-    ok = service.answer(ControlRequest(Request.STATS, 5, 1))
+    assert reply.document == b"VM 9 is not served (no VMM has connected for it); VMs served: 1"
+    assert (await service.answer(ControlRequest(Request.INSPECT, 5, 9))).status is ControlStatus.NO_SUCH_VM
+    assert (await service.answer(ControlRequest(99, 5, None))).status is ControlStatus.UNKNOWN_REQUEST
+    ok = await service.answer(ControlRequest(Request.STATS, 5, 1))
     assert ok.status is ControlStatus.OK and [vm["id"] for vm in json.loads(ok.document)["vms"]] == [1]
 
 
 async def test_inspect_groups_claims_by_device_and_reads_attributes_without_running_code() -> None:
-    router, latch = build()
-    service = Service(router, deadline=None)
-    async with FakePartition(service.router, partition_id=4, dispatcher=service.dispatcher) as vm:
-        await vm.vp(0).outw(0x510, 0xCAFE)
+    latches: list[Latch] = []
+
+    def make() -> Router:
+        router, latch = build()
+        latches.append(latch)
+        return router
+
+    service = Service(make, deadline=None)
+    async with vm(service, 4) as vm4:
+        await vm4.vp(0).outw(0x510, 0xCAFE)
+    [latch] = latches  # made for VM 4, on its first use
     property_reads = latch.property_reads  # Router.include looks at every attribute, properties too
-    document = service.inspect_document(4)
-    assert document["vm"] == 4
+    document = await service.inspect_document(4)
+    assert document["vm"] == 4 and {d["vm"] for d in document["devices"]} == {4}
     devices = {d["name"]: d for d in document["devices"]}
     assert [d["name"] for d in document["devices"]] == ["Latch", "Slotted", "build.waits"]  # by first port
     latch_doc = devices["Latch"]
@@ -227,12 +236,12 @@ def test_histogram_buckets_and_percentiles() -> None:
 
 
 async def test_the_peer_gone_before_the_announcement_is_logged_once_by_name(caplog: pytest.LogCaptureFixture) -> None:
-    service, _ = Service(build()[0], deadline=None), None
+    devices = Service(lambda: build()[0], deadline=None).vm(3)
     ours, theirs = socket.socketpair()
     theirs.close()
     transport = UnixTransport(ours, name="connection 9 (pid 1, uid 2)")
     with caplog.at_level(logging.DEBUG, logger="intercept_dispatch.service"):
-        await service.handle(transport)
+        await devices.serve(transport)
     lines = [r.getMessage() for r in caplog.records if r.name == "intercept_dispatch.service"]
     gone = [line for line in lines if "peer has gone" in line]
     assert gone and all(line.count("connection 9") == 1 for line in lines), lines

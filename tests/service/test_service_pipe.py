@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from service_devices import BROKEN, GATE, MOST_AT_ONCE, SCRATCH, SLOW
-from service_helpers import HERE, SERVE_ARGS, intercept
+from service_helpers import HERE, SERVE_ARGS, hello, intercept
 from service_process import serve_command
 
-from dispatcher import Status, decode_completion
+from dispatcher import Status, decode_announcement, decode_completion
 from transports.pipe import PipeTransport
 from transports.service import spawn_service
 
@@ -53,7 +53,10 @@ async def test_sigint_on_stdio_finishes_in_flight_intercepts_and_exits_0(anyio_b
     os.close(from_service)
     try:
         async with PipeTransport(service_out, service_in) as transport:
-            await transport.receive_batch()  # the announcement
+            await transport.send_batch([hello()])
+            opening = await transport.receive_batch()  # the HELLO_REPLY and the announcement
+            while not decode_announcement(opening[-1])[1]:
+                opening += await transport.receive_batch()
             await transport.send_batch([intercept(SLOW, vp=vp) for vp in range(8)])
             process.send_signal(signal.SIGINT)
             completions = []

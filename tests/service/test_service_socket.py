@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 import pytest
 from service_devices import BROKEN, GATE, MOST_AT_ONCE, SCRATCH, SLOW
-from service_helpers import intercept
+from service_helpers import connect_raw, hello, intercept
 from service_process import ServiceProcess
 
 from dispatcher import (
@@ -23,7 +23,6 @@ from dispatcher import (
     Registers,
     Status,
     TransportClosedError,
-    decode_announcement,
     decode_completion,
 )
 from transports.service import ServiceClient, connect_service
@@ -100,10 +99,8 @@ async def test_an_undelimitable_header_closes_that_connection_and_no_other(
     socket_path: Path, service: ServiceProcess
 ) -> None:
     async with connect(socket_path) as bystander:
-        raw = await connect_unix(socket_path)
+        raw = await connect_raw(socket_path)  # past its HELLO and the announcement
         async with raw:
-            announcement = await raw.receive_batch()
-            assert decode_announcement(announcement[-1])[1]  # the final frame of the announcement
             good = intercept(SCRATCH, vp=3)
             out_of_sync = set_byte(intercept(SCRATCH, vp=4), 4, 250)  # PayloadSize over 240
             await raw.send_batch([good, out_of_sync])
@@ -123,11 +120,14 @@ async def test_a_client_killed_mid_frame_is_forgotten_and_can_reconnect(
         "import os, signal, socket, sys\n"
         "s = socket.socket(socket.AF_UNIX)\n"
         "s.connect(sys.argv[1])\n"
-        "s.recv(4096)\n"
         "s.sendall(bytes.fromhex(sys.argv[2]))\n"
+        "s.recv(4096)\n"
+        "s.sendall(bytes.fromhex(sys.argv[3]))\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    victim = subprocess.run([sys.executable, "-c", script, str(socket_path), half_frame.hex()], check=False)
+    victim = subprocess.run(
+        [sys.executable, "-c", script, str(socket_path), hello().hex(), half_frame.hex()], check=False
+    )
     assert victim.returncode == -signal.SIGKILL
     service.wait_for_log("in the middle of a frame; 100 bytes discarded")
     async with connect(socket_path) as client:
@@ -145,8 +145,7 @@ async def test_a_hundred_clients_connect_and_leave(socket_path: Path, service: S
 
     async def rude(vp: int) -> None:
         # Leaves with an intercept in flight: the service's completion finds nobody.
-        transport = await connect_unix(socket_path)
-        await transport.receive_batch()
+        transport = await connect_raw(socket_path)
         await transport.send_batch([intercept(SLOW, vp=vp)])
         await transport.aclose()
 

@@ -24,9 +24,11 @@ from dispatcher import (
     decode_completion,
     encode_announcement,
 )
+from dispatcher.hello import Hello
 from transports.framing import FrameSplitter
 from transports.pipe import PipeTransport, open_fifos
 from transports.service import ServiceClient
+from transports.service.opening import accept, read_opening
 from transports.unix import UnixListener, UnixTransport, connect_unix
 
 # --- the splitter -------------------------------------------------------------------------------
@@ -317,9 +319,16 @@ async def test_the_client_and_a_dispatcher_over_a_socket_pair() -> None:
     router.add(lambda access: 0x5A, 0x3F8, access="r")
     dispatcher = Dispatcher(router)
     a, b = socket_pair()
+
+    async def service_side() -> None:
+        # What the service does with a connection: its HELLO, the reply and announcement, then intercepts.
+        hello = await read_opening(a, 60)
+        assert isinstance(hello, Hello) and hello.vm == 0
+        await accept(a, hello.vm, then=encode_announcement(router.port_ranges()))
+        await dispatcher.serve(a, partition=hello.vm)
+
     async with anyio.create_task_group() as tg:
-        await a.send_batch(encode_announcement(router.port_ranges()))
-        tg.start_soon(dispatcher.serve, a)
+        tg.start_soon(service_side)
         async with ServiceClient(b) as client:
             assert [(r.first, r.last, r.access) for r in client.ports] == [(0x3F8, 0x3F8, 1)]
             completions = await client.exchange_many([intercept(0x3F8, vp=vp) for vp in range(32)])

@@ -23,6 +23,7 @@ from service_devices import BROKEN, SCRATCH
 from service_helpers import SERVE_ARGS
 from service_process import ServiceProcess
 
+from dispatcher.wire import frame_ids
 from transports.service import connect_service, io_intercept
 
 pytestmark = pytest.mark.anyio
@@ -49,8 +50,11 @@ def stats_json(socket_path: Path, *args: str) -> Any:
 
 
 async def send(socket_path: Path, frames: list[bytes]) -> None:
-    async with connect(socket_path) as client:
-        await client.exchange_many(frames)
+    """Each VM's frames over a connection of that VM (a connection carries one VM's frames)."""
+    vms = sorted({frame_ids(frame)[0] for frame in frames})
+    for vm in vms:
+        async with connect(socket_path, vm=vm) as client:
+            await client.exchange_many([frame for frame in frames if frame_ids(frame)[0] == vm])
 
 
 def scratch(partition: int, vp: int = 0, *, write: bool = False, port: int = SCRATCH) -> bytes:
@@ -85,7 +89,7 @@ async def test_inspect_lists_the_devices_with_that_vms_calls(socket_path: Path) 
     await send(socket_path, [scratch(504), scratch(504, 1)])
     result = command("inspect", socket_path, "--vm", "504")
     assert result.returncode == ANSWERED, result.stderr
-    assert "(VM 504's calls;" in result.stdout
+    assert "devices (VM 504's; each VM has devices of its own)" in result.stdout
     assert "router.scratch_register (function): 2 calls\n  0x3ff rw" in result.stdout
     document = json.loads(command("inspect", socket_path, "--vm", "504", "--json").stdout)
     [device] = [d for d in document["devices"] if d["name"] == "router.scratch_register"]
@@ -98,7 +102,7 @@ async def test_a_vm_that_sent_nothing_is_refused_in_one_line(socket_path: Path) 
         result = command(name, socket_path, "--vm", "0x7777777")
         assert result.returncode == REFUSED
         assert result.stderr.count("\n") == 1
-        assert result.stderr.startswith(f"intercept-dispatch {name}: error: no intercept from VM 125269879 has")
+        assert result.stderr.startswith(f"intercept-dispatch {name}: error: VM 125269879 is not served")
 
 
 def test_no_service_there_is_one_line_and_status_3(tmp_path: Path) -> None:
@@ -190,11 +194,15 @@ async def test_connections_are_logged_at_debug_and_failures_are_summarized(tmp_p
     finally:
         assert service.stop() == 0, service.log
     log = service.log
-    assert re.search(r"DEBUG intercept_dispatch\.service: connection 1 \(pid \d+, uid \d+\): connected\n", log), log
-    assert re.search(r"DEBUG intercept_dispatch\.service: connection 1 \(pid \d+, uid \d+\): closed\n", log), log
+    # The supervisor accepts the connection; VM 0's worker (its lines start "VM 0: ") serves it.
+    connected = r"DEBUG intercept_dispatch\.service: connection 1 \(pid \d+, uid \d+\): connected, VM 0\n"
+    assert re.search(connected, log), log
+    closed = r"DEBUG intercept_dispatch\.service: VM 0: connection 1 \(pid \d+, uid \d+\): closed\n"
+    assert re.search(closed, log), log
     # A few failures of the same handler on the same port are logged in full, then one line sums up the rest.
-    failed = re.findall(r"ERROR intercept_dispatch\.engine: handler failed on port 0x81 .*?, VP (\d+)(?:: (\d+) more)?",
-                        log)  # fmt: skip
+    failed = re.findall(
+        r"ERROR intercept_dispatch\.engine: VM 0: handler failed on port 0x81 .*?, VP (\d+)(?:: (\d+) more)?", log
+    )
     shown = [vp for vp, more in failed if not more]
     summarized = sum(int(more) for _, more in failed if more)
     assert len(shown) + summarized == 20 and summarized > 0, log
@@ -219,4 +227,6 @@ async def test_the_default_log_has_no_line_per_connection_and_quiet_has_no_info(
         await send(tmp_path / "q.sock", [scratch(0, port=BROKEN)])
     finally:
         assert quiet.stop() == 0, quiet.log
-    assert " INFO " not in quiet.log and "ERROR intercept_dispatch.engine: handler failed on port 0x81" in quiet.log
+    assert (
+        " INFO " not in quiet.log and "ERROR intercept_dispatch.engine: VM 0: handler failed on port 0x81" in quiet.log
+    )

@@ -1,14 +1,17 @@
-"""Guest memory shared as memfds over a UNIX socket pair, served in process."""
+"""Guest memory shared as memfds over a UNIX socket pair, served in process; what the service refuses."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import logging
 import mmap
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 
 import anyio
 import pytest
@@ -29,11 +32,17 @@ from dispatcher import (
 )
 from transports.pipe import PipeTransport
 from transports.shared_memory import (
+    MAX_BYTES,
     REGION,
+    RegionBudget,
+    RegionLimitError,
     SharedMemoryTransport,
+    UnsealedRegionError,
     decode_region,
     encode_region,
     encode_unmap,
+    memfd_for_sharing,
+    seal_against_shrinking,
     share_region,
     unshare_region,
     with_shared_memory,
@@ -76,9 +85,8 @@ def test_bad_region_frames_name_the_field(frame: bytes, offset: int) -> None:
 @contextmanager
 def memfd(size: int) -> Iterator[tuple[int, mmap.mmap]]:
     """A memfd and the VMM's own mapping of it."""
-    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    fd = memfd_for_sharing("guest-ram", size)
     try:
-        os.ftruncate(fd, size)
         with mmap.mmap(fd, size) as mapping:
             yield fd, mapping
     finally:
@@ -99,13 +107,13 @@ class Port:
 
 
 @asynccontextmanager
-async def served(router: Router) -> AsyncIterator[UnixTransport]:
+async def served(router: Router, budget: RegionBudget | None = None) -> AsyncIterator[UnixTransport]:
     """A Dispatcher serving one end of a socket pair wrapped for shared memory; yields the VMM's end."""
     vmm_socket, service_socket = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     vmm = UnixTransport(vmm_socket, name="vmm")
     dispatcher = Dispatcher(router, deadline=None)
     async with anyio.create_task_group() as tg:
-        await tg.start(dispatcher.serve, with_shared_memory(UnixTransport(service_socket, name="service")))
+        await tg.start(dispatcher.serve, with_shared_memory(UnixTransport(service_socket, name="service"), budget))
         try:
             yield vmm
         finally:
@@ -255,3 +263,199 @@ async def test_a_graceful_stop_answers_what_had_arrived() -> None:
             assert [decode_completion(frame).status for frame in replies] == [Status.COMPLETED]
             assert await vmm.receive_batch() == []  # then the service closes the connection
         await vmm.aclose()
+
+
+# What the service refuses, so that guest memory cannot hurt it.
+
+
+def port_router() -> Router:
+    router = Router()
+    router.add(Port().handle, PORT, 2)
+    return router
+
+
+async def refusal(vmm: UnixTransport, frame: bytes, fd: int) -> Completion:
+    """Send a region frame with ``fd`` as it is (no sealing on the way) and return the error reply."""
+    await vmm.send_fds(frame, [fd])
+    (reply,) = await vmm.receive_batch()
+    return decode_completion(reply)
+
+
+@pytest.mark.parametrize("sealable", [True, False])
+async def test_a_memfd_without_the_shrink_seal_is_refused(sealable: bool, caplog: pytest.LogCaptureFixture) -> None:
+    # A VMM that could shrink the file under the mapping would kill the service with SIGBUS at the next access.
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0))
+    os.ftruncate(fd, PAGE)
+    try:
+        async with served(port_router()) as vmm:
+            with caplog.at_level(logging.WARNING, "intercept_dispatch.transports"):
+                error = await refusal(vmm, encode_region(0, PAGE), fd)
+            assert (error.vp_index, error.status, error.detail) == (UNKNOWN_VP, Status.MEMORY_ERROR, errno.EBADFD)
+            assert "not sealed with F_SEAL_SHRINK" in caplog.text
+            completion = await exchange(vmm, string_frame(outs=True, rcx=1, index=0))
+            assert completion.status is Status.MEMORY_ERROR  # nothing was mapped
+    finally:
+        os.close(fd)
+
+
+async def test_a_plain_file_is_refused_as_it_cannot_be_sealed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "ram"
+    path.write_bytes(bytes(PAGE))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        async with served(port_router()) as vmm:
+            with caplog.at_level(logging.WARNING, "intercept_dispatch.transports"):
+                error = await refusal(vmm, encode_region(0, PAGE), fd)
+            assert (error.status, error.detail) == (Status.MEMORY_ERROR, errno.EBADFD)
+            assert "cannot be sealed (F_GET_SEALS" in caplog.text
+        with pytest.raises(UnsealedRegionError, match=r"cannot be sealed .* F_SEAL_SHRINK"):
+            seal_against_shrinking(fd)
+    finally:
+        os.close(fd)
+
+
+async def test_share_region_seals_a_sealable_memfd_and_names_the_seal_otherwise() -> None:
+    sealable = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fixed = os.memfd_create("guest-ram", os.MFD_CLOEXEC)  # sealing not allowed: F_SEAL_SEAL from the start
+    try:
+        for fd in (sealable, fixed):
+            os.ftruncate(fd, PAGE)
+        async with served(port_router()) as vmm:
+            await share_region(vmm, 0, sealable, PAGE)
+            assert fcntl.fcntl(sealable, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+            assert (await exchange(vmm, string_frame(outs=True, rcx=1, index=0))).status is Status.COMPLETED
+            with pytest.raises(UnsealedRegionError, match=r"cannot take F_SEAL_SHRINK .*MFD_ALLOW_SEALING"):
+                await share_region(vmm, PAGE, fixed, PAGE)
+    finally:
+        os.close(sealable)
+        os.close(fixed)
+
+
+async def test_a_shared_memfd_cannot_shrink_under_the_service() -> None:
+    # The hostile sequence: share, shrink, then string I/O over the region. The shrink fails; the access works.
+    with memfd(2 * PAGE) as (fd, ram):
+        async with served(port_router()) as vmm:
+            await share_region(vmm, 0, fd, 2 * PAGE)
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, PAGE)
+            assert os.fstat(fd).st_size == 2 * PAGE
+            ram[PAGE + 0x10 : PAGE + 0x12] = b"\x34\x12"
+            completion = await exchange(vmm, string_frame(outs=True, rcx=1, index=PAGE + 0x10))
+            assert completion.status is Status.COMPLETED
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_mapped_regions_keep_no_descriptor_open() -> None:
+    with memfd(PAGE) as (fd, _):
+        async with served(port_router()) as vmm:
+            await share_region(vmm, 0, fd, PAGE)
+            await exchange(vmm, string_frame(outs=True, rcx=1, index=0))  # the region is in place
+            before = open_descriptors()
+            for n in range(1, 41):
+                await share_region(vmm, n * PAGE, fd, PAGE, read_only=n % 2 == 0)
+            completion = await exchange(vmm, string_frame(outs=True, rcx=1, index=40 * PAGE))
+            assert completion.status is Status.COMPLETED  # the 41st region is mapped
+            assert open_descriptors() == before
+
+
+async def test_a_region_larger_than_the_budget_is_refused_before_anything_is_mapped() -> None:
+    # 128 TiB of a sparse memfd, as a hostile client sends: over the default 64 GiB a VM may map.
+    fd = memfd_for_sharing("guest-ram", 128 << 40)
+    try:
+        async with served(port_router()) as vmm:
+            error = await refusal(vmm, encode_region(0, 128 << 40), fd)
+            assert (error.status, error.detail) == (Status.MEMORY_ERROR, errno.EDQUOT)
+            error = await refusal(vmm, encode_region(0, MAX_BYTES + PAGE), fd)
+            assert error.detail == errno.EDQUOT
+            await share_region(vmm, 0, fd, MAX_BYTES)  # exactly the budget: mapped
+            assert (await exchange(vmm, string_frame(outs=True, rcx=1, index=0))).status is Status.COMPLETED
+    finally:
+        os.close(fd)
+
+
+async def test_the_budget_is_per_vm_across_its_connections(caplog: pytest.LogCaptureFixture) -> None:
+    budget = RegionBudget(max_regions=3, max_bytes=4 * PAGE)
+
+    async def settle(vmm: UnixTransport) -> None:
+        # Each connection is read on its own: an intercept answered means its region frames before it are applied.
+        # REP with RCX 0 touches no memory, so it completes whatever is mapped.
+        assert (await exchange(vmm, string_frame(outs=True, rcx=0, index=0))).status is Status.COMPLETED
+
+    with memfd(4 * PAGE) as (fd, _):
+        async with served(port_router(), budget) as first, served(port_router(), budget) as second:
+            await share_region(first, 0, fd, PAGE)
+            await share_region(first, PAGE, fd, PAGE)
+            await share_region(second, 0, fd, PAGE)
+            await settle(first)
+            await settle(second)
+            assert (budget.regions, budget.bytes) == (3, 3 * PAGE)
+            with caplog.at_level(logging.WARNING, "intercept_dispatch.transports"):
+                error = await refusal(second, encode_region(PAGE, PAGE), fd)
+                assert (error.status, error.detail) == (Status.MEMORY_ERROR, errno.ENOSPC)
+                assert "the VM has 3 regions mapped, its limit is 3" in caplog.text
+                await unshare_region(first, PAGE)
+                await settle(first)
+                await share_region(second, PAGE, fd, 2 * PAGE)  # room for a region again, and for its bytes
+                await settle(second)
+                assert (budget.regions, budget.bytes) == (3, 4 * PAGE)
+                await unshare_region(first, 0)
+                await settle(first)
+                error = await refusal(second, encode_region(4 * PAGE, 2 * PAGE), fd)
+                assert error.detail == errno.EDQUOT  # a region free, but no bytes
+                assert f"over the VM's limit of {4 * PAGE} mapped bytes" in caplog.text
+        # Closing the connections gave everything back.
+        assert (budget.regions, budget.bytes) == (0, 0)
+
+
+def test_a_budget_names_the_limit_it_refuses() -> None:
+    budget = RegionBudget(max_regions=1, max_bytes=10)
+    with pytest.raises(RegionLimitError, match="a region of 11 bytes is over the VM's limit of 10") as caught:
+        budget.reserve(11)
+    assert (caught.value.limit, caught.value.errno) == ("bytes", errno.EDQUOT)
+    budget.reserve(10)
+    with pytest.raises(RegionLimitError, match="1 regions mapped, its limit is 1") as caught:
+        budget.reserve(1)
+    assert (caught.value.limit, caught.value.errno) == ("regions", errno.ENOSPC)
+    budget.release(10)
+    assert (budget.regions, budget.bytes) == (0, 0)
+    with pytest.raises(ValueError, match="cannot be negative"):
+        RegionBudget(max_regions=-1)
+
+
+async def test_inline_answers_see_exactly_the_regions_sent_before_them() -> None:
+    # The wrapper start_inline hands the UNIX transport: region frames are applied on the reader thread between
+    # the runs of other frames, and their error replies take their place among the completions.
+    vmm_socket, service_socket = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix = UnixTransport(service_socket, name="service")
+    given: list[object] = []
+    unix.start_inline = given.append  # type: ignore[method-assign,assignment]  # stands in for the reader thread
+    service = SharedMemoryTransport(unix)
+    assert SharedMemoryTransport.answers_inline is UnixTransport.answers_inline
+    seen: list[tuple[int, ...]] = []
+
+    def answer(frames: Sequence[bytes]) -> list[bytes]:
+        seen.append(tuple(region.size for region in service.guest_memory.regions()))
+        return [b"done %d" % len(frames)]
+
+    service.start_inline(answer)
+    [wrapped] = given
+    assert callable(wrapped)
+    vmm = UnixTransport(vmm_socket, name="vmm")
+    intercept = string_frame(outs=True, rcx=1, index=0)
+    with memfd(PAGE) as (fd, _):
+        await vmm.send_batch([intercept])
+        await share_region(vmm, 0, fd, PAGE)
+        await vmm.send_batch([intercept, intercept, encode_unmap(0), encode_unmap(0), intercept])
+        frames: list[bytes] = []
+        while len(frames) < 7:
+            frames += await unix.receive_batch()  # the frames, and the descriptor queued beside them
+        out = wrapped(frames)
+    assert seen == [(), (PAGE,), ()]
+    assert out[:3] == [b"done 1", b"done 2", out[2]] and out[3:] == [b"done 1"]
+    error = decode_completion(out[2])  # the second unmap: no region there
+    assert (error.vp_index, error.status, error.detail) == (UNKNOWN_VP, Status.MEMORY_ERROR, errno.ENOENT)
+    await vmm.aclose()
+    await service.aclose()

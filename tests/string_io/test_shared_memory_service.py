@@ -13,7 +13,7 @@ from string_driver import Vp, instruction
 
 from dispatcher import Registers, Status
 from transports.service import ServiceClient, connect_service
-from transports.shared_memory import share_region
+from transports.shared_memory import memfd_for_sharing, share_region
 from transports.unix import UnixTransport
 
 pytestmark = pytest.mark.anyio
@@ -46,9 +46,8 @@ async def test_string_io_through_serve_with_a_shared_memfd(tmp_path: Path, anyio
     socket_path = tmp_path / "s.sock"
     service = ServiceProcess(tmp_path, "--device", "string_devices:router", "--deadline", "30", socket=socket_path,
                              backend=anyio_backend, cwd=HERE)  # fmt: skip
-    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+    fd = memfd_for_sharing("guest-ram", SIZE)
     try:
-        os.ftruncate(fd, SIZE)
         with mmap.mmap(fd, SIZE) as ram:
             message = bytes(range(256)) * 12  # 3 KiB: more than one 1024-element chunk of bytes
             ram[0x1000 : 0x1000 + len(message)] = message

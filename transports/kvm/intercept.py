@@ -60,10 +60,13 @@ __all__ = [
     "IoKind",
     "PendingIo",
     "PostedOut",
+    "SimpleIo",
     "SimpleTemplate",
     "merge_in",
     "plan_completion",
+    "posted_confirmed",
     "read_completion",
+    "usual_action",
 ]
 
 _RAX, _RCX, _RDX, _RSI, _RDI = RegisterIndex.RAX, RegisterIndex.RCX, 3, RegisterIndex.RSI, RegisterIndex.RDI
@@ -237,6 +240,23 @@ class PostedOut(NamedTuple):
     at: int
 
 
+class SimpleIo(NamedTuple):
+    """A non-string IN or OUT in flight that its vCPU waits for.
+
+    Enough to apply the usual completion (:func:`usual_action`); anything
+    else goes through :meth:`FrameBuilder.pending_of` and
+    :func:`plan_completion`.
+    """
+
+    is_write: bool
+    size: int
+    port: int
+    elements: int
+    at: int
+    next_rip: int
+    regs: tuple[int, ...]
+
+
 class SimpleTemplate(NamedTuple):
     """A non-string intercept with RFLAGS and RAX left out: the frame's bytes around them and the RIPs."""
 
@@ -275,15 +295,21 @@ class FrameBuilder:
         self.partition = partition
         self.out_rip_advanced = out_rip_advanced
         self.read_linear = read_linear
-        self._templates: dict[tuple[object, ...], SimpleTemplate] = {}
+        self.templates: dict[tuple[object, ...], SimpleTemplate] = {}
+        """The templates by :meth:`template_key`."""
+
+    @staticmethod
+    def template_key(capture: IoCapture) -> tuple[object, ...]:
+        """What a non-string exit's frame depends on, RFLAGS and RAX aside (the key of :attr:`templates`)."""
+        return (capture.generation, capture.regs[_RIP], capture.port, capture.size, capture.is_write, capture.cr8,
+                capture.interrupt_shadow, capture.interruption_pending, capture.code_at,
+                capture.code_before)  # fmt: skip
 
     def simple(self, capture: IoCapture) -> tuple[bytes, SimpleTemplate] | None:
         """The frame of a non-string exit and its template, or None for a string one."""
         regs = capture.regs
-        key = (capture.generation, regs[_RIP], capture.port, capture.size, capture.is_write, capture.cr8,
-               capture.interrupt_shadow, capture.interruption_pending, capture.code_at,
-               capture.code_before)  # fmt: skip
-        template = self._templates.get(key)
+        key = self.template_key(capture)
+        template = self.templates.get(key)
         if template is None:
             insn, at = _locate(capture, self.out_rip_advanced, self.read_linear)
             if insn.string:
@@ -293,12 +319,29 @@ class FrameBuilder:
             template = SimpleTemplate(
                 frame[: Offset.RFLAGS], frame[Offset.PORT : Offset.RAX], frame[Offset.INSTRUCTION_BYTES :], at, next_rip
             )
-            if len(self._templates) >= _TEMPLATE_LIMIT:
-                self._templates.clear()
-            self._templates[key] = template
+            if len(self.templates) >= _TEMPLATE_LIMIT:
+                self.templates.clear()
+            self.templates[key] = template
         frame = (template.head + regs[_RFLAGS].to_bytes(8, "little") + template.middle
                  + regs[_RAX].to_bytes(8, "little") + template.tail)  # fmt: skip
         return frame, template
+
+    def simple_io(self, capture: IoCapture) -> tuple[bytes, SimpleIo] | None:
+        """The frame of a non-string exit and its in-flight record, or None for a string one."""
+        simple = self.simple(capture)
+        if simple is None:
+            return None
+        frame, template = simple
+        return frame, SimpleIo(capture.is_write, capture.size, capture.port, capture.elements, template.at,
+                               template.next_rip, capture.regs)  # fmt: skip
+
+    def pending_of(self, io: SimpleIo) -> PendingIo:
+        """The :class:`PendingIo` that :meth:`build` gives for the exit ``io`` records (without its frame)."""
+        regs = io.regs
+        rax, rcx, rsi, rdi = regs[_RAX], regs[_RCX], regs[_RSI], regs[_RDI]
+        kind = IoKind.OUT if io.is_write else IoKind.IN
+        return PendingIo(kind, self.vp_index, self.partition, io.port, io.size, io.elements, b"",
+                         (io.at, rax, rcx, rsi, rdi), (io.next_rip, rax, rcx, rsi, rdi))  # fmt: skip
 
     def build(self, capture: IoCapture) -> PendingIo:
         """The intercept for one I/O exit. Raises :class:`IoDecodeError` if no matching instruction is found."""
@@ -407,6 +450,59 @@ def read_completion(frame: bytes) -> Completion:
             return Completion(vp_index, _STATUS_OF[status], _REGISTERS_OF[registers & 0x1F], rip, rax, rcx, rsi, rdi,
                               partition, port, access_info, detail, version)  # fmt: skip
     return decode_completion(frame)
+
+
+_COMPLETED = int(Status.COMPLETED)
+_RIP_ONLY, _RIP_RAX = int(Registers.RIP), int(Registers.RIP | Registers.RAX)
+_NOT_OUT = int(Registers.RCX | Registers.RSI | Registers.RDI)
+_NOTHING: Final = Action(None, None)
+
+
+def usual_action(io: SimpleIo, frame: bytes) -> Action | None:
+    """The action for the completion a simple IN or OUT usually gets, or None for any other completion.
+
+    Usual: COMPLETED, RIP past the instruction, and for an IN RAX merged
+    as the architecture does; the answer is then what
+    :func:`plan_completion` gives, without decoding the frame into a
+    :class:`~dispatcher.wire.Completion`.
+    """
+    if len(frame) != COMPLETION_SIZE:
+        return None
+    (kind, size, _flags, _r6, _r7, _partition, _vp, version, status, registers, rip, rax, _rcx, _rsi, _rdi, _port,
+     _access_info, _reserved, _detail) = COMPLETION_STRUCT.unpack_from(frame)  # fmt: skip
+    if (
+        kind != COMPLETION
+        or size != COMPLETION_PAYLOAD
+        or version != PROTOCOL_VERSION
+        or status != _COMPLETED
+        or rip != io.next_rip
+    ):
+        return None
+    if io.is_write:
+        return _NOTHING if registers == _RIP_ONLY or (registers == _RIP_RAX and rax == io.regs[_RAX]) else None
+    value = rax & _VALUE_MASK[io.size]
+    if registers != _RIP_RAX or merge_in(io.regs[_RAX], value, io.size) != rax:
+        return None
+    return Action(value.to_bytes(io.size, "little"), None)
+
+
+def posted_confirmed(posted: PostedOut, frame: bytes) -> bool:
+    """True if ``frame`` is a completion that confirms the state a posted OUT left (see :class:`PostedOut`)."""
+    if len(frame) != COMPLETION_SIZE:
+        return False
+    (kind, size, _flags, _r6, _r7, _partition, _vp, version, status, registers, rip, rax, _rcx, _rsi, _rdi, _port,
+     _access_info, _reserved, _detail) = COMPLETION_STRUCT.unpack_from(frame)  # fmt: skip
+    return (
+        kind == COMPLETION
+        and size == COMPLETION_PAYLOAD
+        and version == PROTOCOL_VERSION
+        and status in _STATUS_OF
+        and _STATUS_OF[status] not in REFUSED
+        and not registers & _NOT_OUT
+        and registers & _RIP_ONLY != 0
+        and rip == posted.next_rip
+        and (not registers & _RIP_RAX & ~_RIP_ONLY or rax == posted.rax)
+    )
 
 
 # Plain ints: an IntFlag on either side of ``&`` goes through the enum machinery.

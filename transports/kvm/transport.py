@@ -8,10 +8,16 @@
     await dispatcher.serve(transport)              # returns when every vCPU has stopped
     print(transport.stops)                         # why each one stopped
 
-Each vCPU runs in its own thread (:class:`~transports.kvm.runner.VcpuRunner`);
-the event loop thread builds the intercept frames, runs the dispatcher,
-plans each completion and runs the interrupt acknowledge cycle, so device
-models are only ever called from the loop thread.
+Each vCPU runs in its own thread (:class:`~transports.kvm.runner.VcpuRunner`).
+The transport :attr:`~dispatcher.Transport.answers_inline`: served by a
+:class:`~dispatcher.Dispatcher`, each vCPU thread builds its intercepts,
+hands them to the dispatcher itself and applies the completions, so a
+synchronous handler runs on the thread of the vCPU whose I/O it serves
+(holding the dispatcher's :attr:`~dispatcher.Dispatcher.lock`) and the event
+loop is not involved; async handlers run on the loop, which sends their
+completions back with :meth:`send_batch`. Read through
+:meth:`receive_batch` instead (a relay to another process), the loop
+thread builds the intercepts and plans the completions.
 
 Interrupts: give an ``interrupts`` controller (``pending_vector()`` and
 ``acknowledge()``, as :class:`examples.pic.PicPair` has) and wire its
@@ -19,47 +25,72 @@ output to the transport, which is an :class:`~dispatcher.IrqReceiver` whose
 line number is the VP index: ``IrqLine(transport, 0, "INTR")``. When the line
 is high, the vCPU injects the acknowledged vector as soon as the guest can
 take it (``KVM_INTERRUPT``, or ``request_interrupt_window`` first), and a
-``HLT`` waits for it.
+``HLT`` waits for it. The acknowledge cycle calls device code: it runs on
+the vCPU thread holding ``lock`` (give the dispatcher's
+:attr:`~dispatcher.Dispatcher.lock`) when the transport answers inline, on
+the loop thread otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import anyio
 
-from dispatcher import FrameError, Guest, Registers, Segment, SegmentRegister, Transport, TransportError
+from dispatcher import (
+    FrameError,
+    Guest,
+    InlineAnswer,
+    Registers,
+    Segment,
+    SegmentRegister,
+    Transport,
+    TransportError,
+)
+from dispatcher.wire import frame_ids
 
 from .handoff import HandoffMethod, ThreadToLoop
 from .hostinfo import out_advances_rip
 from .intercept import (
     REFUSED,
+    Action,
     FrameBuilder,
     IoCapture,
     IoDecodeError,
     PendingIo,
     PostedOut,
+    SimpleIo,
     plan_completion,
+    posted_confirmed,
     read_completion,
+    usual_action,
 )
 from .memory import vm_memory
-from .runner import ACKNOWLEDGE, FINISHED, WAKE, StopReason, VcpuRunner, VcpuStop
+from .runner import (
+    ACKNOWLEDGE,
+    FINISHED,
+    POSTED_BATCH,
+    POSTED_LATENCY,
+    WAKE,
+    StopReason,
+    VcpuRunner,
+    VcpuStop,
+)
 from .vm import KVM_PATH, KvmError, Vcpu, Vm
 
 __all__ = ["InterruptController", "KvmTransport", "RemoteInterruptController"]
 
 log = logging.getLogger("intercept_dispatch.kvm")
 
-# Posted writes wake the loop in batches: every wake-up makes the two threads trade the GIL, and on this
-# host out_loop ran at 0.57x the bare loop with batches of 256, 0.72x with 512 and 0.78x with 1024
-# (bench/kvm.py). A posted write waits at most _POSTED_LATENCY for its device to see it, and never
-# longer than the guest can tell: a later IN is handled after it, and an interrupt acknowledge, HLT or
-# stop waits for all of the VP's posted writes (a fence).
-_POSTED_BATCH = 1024
-_POSTED_LATENCY = 0.01  # seconds
 _WINDOW_KICK = 0.001  # seconds between kicks of a vCPU whose interrupt window is not reported
+# How long aclose() waits, once every vCPU was told to stop, for their threads to end before abandoning those
+# still running (stuck in a device handler that does not return).
+_ABANDON_AFTER = 2.0
 _RIP_BIT, _RAX_BIT = int(Registers.RIP), int(Registers.RAX)
 _NOT_OUT = int(Registers.RCX | Registers.RSI | Registers.RDI)
 
@@ -87,17 +118,21 @@ class KvmTransport(Transport):
     ``partition`` goes into every intercept's SourcePartition. With
     ``posted_writes`` (the default) a non-string OUT does not hold up its
     vCPU (see :mod:`transports.kvm.runner`). ``handoff`` picks how vCPU
-    threads wake the loop (:mod:`transports.kvm.handoff`). ``stops`` lists,
-    once each thread has ended, why.
+    threads wake the loop (:mod:`transports.kvm.handoff`). ``lock`` is the
+    VM's device lock (the serving dispatcher's
+    :attr:`~dispatcher.Dispatcher.lock`), held around the interrupt
+    acknowledge cycle when it runs on a vCPU thread; it may also be set
+    later, before serving. ``stops`` lists, once each thread has ended, why.
 
     :attr:`guest` carries the VM's memory, a translation hook and the vCPUs'
     segments, so a :class:`~dispatcher.Dispatcher` serving this transport
     does string I/O on the guest's own memory. :meth:`stop_reading` (the
     dispatcher's graceful stop) stops every vCPU; the intercepts that had
-    arrived are still delivered, then the stream ends.
+    arrived are still answered, then the stream ends.
     """
 
     stops_reading: ClassVar[bool] = True
+    answers_inline: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -109,32 +144,34 @@ class KvmTransport(Transport):
         interrupts: InterruptController | RemoteInterruptController | None = None,
         handoff: HandoffMethod = "auto",
         kvm_path: str = KVM_PATH,
+        lock: threading.RLock | None = None,
     ) -> None:
         vcpus = list(vcpus) if vcpus is not None else list(vm.vcpus)
         if not vcpus:
             raise KvmError("the transport needs at least one vCPU")
         self.vm = vm
         self.partition = partition
+        self.lock = lock
+        """The VM's device lock (see the class docstring); None: the acknowledge cycle takes none."""
         self.interrupts = interrupts if isinstance(interrupts, InterruptController) else None
         self._remote_interrupts = interrupts if isinstance(interrupts, RemoteInterruptController) else None
         memory = vm_memory(vm)
         self._guest = Guest(memory, translate=self.translate, segments=self.segments)
         self.out_rip_advanced = out_advances_rip(kvm_path)
         self.stops: list[VcpuStop] = []
-        self.intercepts = 0
-        self.posted = 0
-        self.slow_completions = 0
-        self._queue: ThreadToLoop[tuple[VcpuRunner, Any]] = ThreadToLoop(handoff, batch=_POSTED_BATCH)
+        self.via_loop = 0
+        """Completions received with :meth:`send_batch` (from the event loop)."""
+        self.answer: InlineAnswer | None = None
+        """The dispatcher's inline entry once :meth:`start_inline` has been called, else None."""
+        self._queue: ThreadToLoop[tuple[VcpuRunner, Any]] = ThreadToLoop(handoff, batch=POSTED_BATCH)
         self._runners = {
             v.index: VcpuRunner(self, v, memory=memory, regions=vm.regions, out_rip_advanced=self.out_rip_advanced,
                                 posted_writes=posted_writes, takes_interrupts=interrupts is not None)
             for v in vcpus
         }  # fmt: skip
-        self._builders = {
-            index: FrameBuilder(vp_index=index, partition=partition, out_rip_advanced=self.out_rip_advanced,
-                                read_linear=runner.reader.read)
-            for index, runner in self._runners.items()
-        }  # fmt: skip
+        for index, runner in self._runners.items():
+            runner.builder = FrameBuilder(vp_index=index, partition=partition, out_rip_advanced=self.out_rip_advanced,
+                                          read_linear=runner.reader.read)  # fmt: skip
         self._live = len(self._runners)
         self._started = False
         self._closed = False
@@ -148,6 +185,29 @@ class KvmTransport(Transport):
         """The VM's memory (its slots; ROM read-only), :meth:`translate` and :meth:`segments`."""
         return self._guest
 
+    @property
+    def intercepts(self) -> int:
+        """Intercepts built from I/O exits, over all vCPUs."""
+        return sum(runner.intercepts + runner.loop_intercepts for runner in self._runners.values())
+
+    @property
+    def posted(self) -> int:
+        """Posted writes: OUTs whose vCPU went on without waiting for their completion."""
+        return sum(runner.posted for runner in self._runners.values())
+
+    @property
+    def answered_inline(self) -> int:
+        """Intercepts answered on the vCPU threads (synchronous handlers, no trip to the event loop)."""
+        if self.answer is None:
+            return 0
+        pending = sum(len(runner.in_flight) + len(runner.batch) for runner in self._runners.values())
+        return self.intercepts - self.via_loop - pending
+
+    @property
+    def slow_completions(self) -> int:
+        """Completions applied by setting registers after KVM finished the instruction (see ``plan_completion``)."""
+        return sum(runner.slow_completions for runner in self._runners.values())
+
     # -- from the threads ---------------------------------------------------------------------
 
     def put(self, item: tuple[VcpuRunner, Any], *, urgent: bool = True) -> None:
@@ -155,19 +215,36 @@ class KvmTransport(Transport):
 
         See :meth:`~transports.kvm.handoff.ThreadToLoop.put`.
         """
-        self._queue.put(item, urgent=urgent)
+        if not self._closed:
+            self._queue.put(item, urgent=urgent)
 
     def wake_loop(self) -> None:
         """Have the loop look at the queue now (a vCPU waits for its posted writes)."""
-        self._queue.wake()
+        if not self._closed:
+            self._queue.wake()
 
     def runner_finished(self, runner: VcpuRunner) -> None:
-        self._queue.put((runner, FINISHED))
+        if not self._closed:
+            self._queue.put((runner, FINISHED))
 
-    # -- the interrupt line (loop thread) ------------------------------------------------------
+    @property
+    def acknowledge(self) -> Callable[[VcpuRunner], int | None] | None:
+        """The acknowledge cycle for a vCPU thread to run itself: when answering inline with a local controller."""
+        return self._acknowledge_here if self.answer is not None and self.interrupts is not None else None
+
+    def _acknowledge_here(self, runner: VcpuRunner) -> int | None:
+        # On the vCPU thread: the controller is a device model, so it runs under the VM's device lock.
+        interrupts = self.interrupts
+        assert interrupts is not None
+        with self.lock if self.lock is not None else contextlib.nullcontext():
+            if runner.interrupt_level and interrupts.pending_vector() is not None:
+                return interrupts.acknowledge()
+        return None
+
+    # -- the interrupt line (any thread) --------------------------------------------------------
 
     def set_irq(self, line: int, level: bool) -> None:
-        """The INTR input of VP ``line`` (the :class:`~dispatcher.IrqReceiver` protocol)."""
+        """The INTR input of VP ``line`` (the :class:`~dispatcher.IrqReceiver` protocol); safe from any thread."""
         runner = self._runners.get(line)
         if runner is None:
             raise ValueError(f"no VP {line} to take an interrupt line")
@@ -186,6 +263,17 @@ class KvmTransport(Transport):
 
     # -- the dispatcher's side ----------------------------------------------------------------
 
+    def start_inline(self, answer: InlineAnswer) -> None:
+        """From now on each vCPU thread hands its intercepts to ``answer`` and applies the completions itself.
+
+        Called by the dispatcher before the first :meth:`receive_batch`, which
+        starts the vCPU threads; :meth:`receive_batch` then delivers no
+        frames and returns ``[]`` once every vCPU thread has ended.
+        """
+        if self._started:
+            raise KvmError("start_inline() must come before the vCPUs start (the first receive_batch())")
+        self.answer = answer
+
     async def receive_batch(self) -> list[bytes]:
         if self._closed:
             return []
@@ -196,29 +284,39 @@ class KvmTransport(Transport):
         queue = self._queue
         while True:
             if queue.only_posted():
-                # Only posted writes, fewer than a batch: let a batch build up, for at most _POSTED_LATENCY.
-                await queue.wait(_WINDOW_KICK if self._windows_waiting() else _POSTED_LATENCY)
+                # Only posted writes, fewer than a batch: let a batch build up, for at most POSTED_LATENCY.
+                await queue.wait(_WINDOW_KICK if self._windows_waiting() else POSTED_LATENCY)
             frames = []
             for runner, item in queue.drain():
                 if item is ACKNOWLEDGE and self._remote_interrupts is not None:
                     vector = await self._remote_interrupts.acknowledge_pending() if runner.interrupt_level else None
                     runner.inbox.put(vector)
+                elif type(item) is list:
+                    # A batch of posted writes from a vCPU thread that answers inline otherwise.
+                    frames += [frame for capture in item if (frame := self._intercept(runner, capture)) is not None]
                 elif (frame := self._take(runner, item)) is not None:
                     frames.append(frame)
             if frames:
                 return frames
             if self._live == 0:
                 return []
-            # Posted writes wake the loop only in batches: look again after _POSTED_LATENCY while any are out.
+            # Posted writes wake the loop only in batches: look again after POSTED_LATENCY while any are out.
             # A requested interrupt window is not always reported promptly (on kvm-pvm only at the next
             # in-kernel exit, which a spinning guest may never make): kick such a vCPU every millisecond.
             runners = self._runners.values()
             outstanding = any(r.posted != r.completed for r in runners)
             waiting = self._windows_waiting()
-            await queue.wait(_WINDOW_KICK if waiting else _POSTED_LATENCY if outstanding else None)
+            await queue.wait(_WINDOW_KICK if waiting else POSTED_LATENCY if outstanding else None)
             for runner in waiting:
                 if runner.window_requested and runner.in_guest:
                     runner.vcpu.kick()
+            if self.answer is not None:
+                # A vCPU keeping posted writes for the dispatcher hands them over at its next exit; a guest that
+                # makes none for a while is kicked out of KVM_RUN for it.
+                now = time.perf_counter()
+                for runner in runners:
+                    if runner.batch and now - runner.batch_since >= POSTED_LATENCY:
+                        runner.vcpu.kick()
 
     def _windows_waiting(self) -> list[VcpuRunner]:
         return [r for r in self._runners.values() if r.window_requested and r.interrupt_level]
@@ -232,16 +330,21 @@ class KvmTransport(Transport):
                 vector = self.interrupts.acknowledge()
             runner.inbox.put(vector)
         elif item is FINISHED:
-            self._live -= 1
-            if runner.result is not None:
-                self.stops.append(runner.result)
-                log.info("%s", runner.result)
-        return None
+            self._finished(runner)
+        return None  # POSTED: only a reason to look at the runners' batches (receive_batch)
+
+    def _finished(self, runner: VcpuRunner) -> None:
+        self._live -= 1
+        if runner.result is not None:
+            self.stops.append(runner.result)
+            log.info("%s", runner.result)
 
     def _intercept(self, runner: VcpuRunner, capture: IoCapture) -> bytes | None:
-        builder = self._builders[runner.vp_index]
+        # Served through receive_batch (not inline): the loop thread builds the intercept.
+        builder = runner.builder
+        assert builder is not None
         posted = runner.posting and capture.plain_out
-        self.intercepts += 1
+        runner.loop_intercepts += 1
         try:
             if posted:
                 built = builder.simple(capture)
@@ -249,7 +352,11 @@ class KvmTransport(Transport):
                 frame, template = built
                 # A posted write needs only what its completion must confirm: RIP past the OUT, RAX unchanged.
                 runner.in_flight.append(PostedOut(template.next_rip, capture.regs[0], capture.port, template.at))
-                self.posted += 1
+                return frame
+            simple = builder.simple_io(capture)
+            if simple is not None:
+                frame, record = simple
+                runner.in_flight.append(record)
                 return frame
             pending = builder.build(capture)
         except IoDecodeError as error:
@@ -261,40 +368,76 @@ class KvmTransport(Transport):
         return pending.frame
 
     async def send_batch(self, frames: Sequence[bytes]) -> None:
+        """Apply completions from the loop (any thread may call this; the vCPU threads apply them)."""
         for frame in frames:
-            try:
-                completion = read_completion(frame)
-            except FrameError as error:
-                raise TransportError(f"KVM transport: not a completion: {error}") from error
-            runner = self._runners.get(completion.vp_index)
-            if runner is None or completion.source_partition != self.partition or not runner.in_flight:
-                log.warning("completion for partition %d, VP %#x, which has nothing in flight",
-                            completion.source_partition, completion.vp_index)  # fmt: skip
-                continue
-            pending = runner.in_flight.popleft()
-            if isinstance(pending, PostedOut):
+            self.deliver(frame, None)
+            self.via_loop += 1
+
+    def deliver(self, frame: bytes, here: VcpuRunner | None) -> Action | None:
+        """Apply one completion to the vCPU it names (see :class:`~transports.kvm.runner.VcpuHost`).
+
+        Raises :class:`~dispatcher.TransportError` for a frame that is not a completion.
+        """
+        # The usual completion of the usual intercept is checked on the frame's bytes; anything else decoded.
+        partition, vp = frame_ids(frame)
+        runner = self._runners.get(vp) if partition == self.partition else None
+        if runner is not None and runner.in_flight:
+            in_flight = runner.in_flight
+            head = in_flight[0]
+            if type(head) is SimpleIo:
+                action = usual_action(head, frame)
+                if action is not None:
+                    in_flight.popleft()
+                    if runner is here:
+                        return action
+                    runner.inbox.put(action)
+                    return None
+            elif type(head) is PostedOut and posted_confirmed(head, frame):
+                in_flight.popleft()
                 runner.completed += 1
-                next_rip, rax, port, at = pending
-                named, rip = int(completion.registers), completion.rip  # a plain int: IntFlag arithmetic is slow
-                if (
-                    completion.status in REFUSED
-                    or named & _NOT_OUT
-                    or named & _RIP_BIT == 0
-                    or rip != next_rip
-                    or (named & _RAX_BIT and completion.rax != rax)
-                ):
-                    runner.stop(
-                        f"the completion of a posted OUT to port {port:#x} at RIP {at:#x} asks for a state the "
-                        f"guest has already left (status {int(completion.status)}, registers {named:#x}, "
-                        f"RIP {rip:#x})",
-                        StopReason.ERROR,
-                    )
-                elif runner.fencing and runner.completed == runner.posted:
+                if runner.fencing and runner is not here:
                     runner.inbox.put(WAKE)
-                continue
-            action = plan_completion(pending, completion, self._read_chunk)
-            self.slow_completions += action.registers is not None
-            runner.inbox.put(action)
+                return None
+        try:
+            completion = read_completion(frame)
+        except FrameError as error:
+            raise TransportError(f"KVM transport: not a completion: {error}") from error
+        runner = self._runners.get(completion.vp_index)
+        if runner is None or completion.source_partition != self.partition or not runner.in_flight:
+            log.warning("completion for partition %d, VP %#x, which has nothing in flight",
+                        completion.source_partition, completion.vp_index)  # fmt: skip
+            return None
+        pending = runner.in_flight.popleft()
+        if isinstance(pending, PostedOut):
+            runner.completed += 1
+            next_rip, rax, port, at = pending
+            named, rip = int(completion.registers), completion.rip  # a plain int: IntFlag arithmetic is slow
+            if (
+                completion.status in REFUSED
+                or named & _NOT_OUT
+                or named & _RIP_BIT == 0
+                or rip != next_rip
+                or (named & _RAX_BIT and completion.rax != rax)
+            ):
+                runner.stop(
+                    f"the completion of a posted OUT to port {port:#x} at RIP {at:#x} asks for a state the "
+                    f"guest has already left (status {int(completion.status)}, registers {named:#x}, "
+                    f"RIP {rip:#x})",
+                    StopReason.ERROR,
+                )
+            elif runner.fencing and runner is not here:
+                runner.inbox.put(WAKE)
+            return None
+        if isinstance(pending, SimpleIo):
+            builder = runner.builder
+            assert builder is not None
+            pending = builder.pending_of(pending)
+        action = plan_completion(pending, completion, self._read_chunk)
+        runner.slow_completions += action.registers is not None
+        if runner is here:
+            return action
+        runner.inbox.put(action)
+        return None
 
     def _read_chunk(self, pending: PendingIo) -> bytes:
         # The bytes KVM will store for an INS chunk, read back from guest memory in its order.
@@ -310,18 +453,27 @@ class KvmTransport(Transport):
     async def aclose(self) -> None:
         if self._closed:
             return
-        self._closed = True
         self.stop("the transport was closed")
         with anyio.CancelScope(shield=True):
+            stopped = time.monotonic()
             for runner in self._runners.values():
                 while not runner.join(0):
+                    if time.monotonic() - stopped >= _ABANDON_AFTER:
+                        # Told to stop, a vCPU thread ends at once (it is kicked out of the guest and woken
+                        # wherever it waits) unless device code it runs does not return (the dispatcher's
+                        # watchdog has then answered for it): that must not keep the VM from closing.
+                        runner.abandon()
+                        self.stops.append(runner.abandoned_stop())
+                        log.error("%s", self.stops[-1])
+                        break
                     await anyio.sleep(0.01)
+        self._closed = True
         for runner, item in self._queue.drain():
             if item is FINISHED:
-                self._take(runner, item)
+                self._finished(runner)
         self._queue.close()
 
-    # -- hooks for the dispatcher's string I/O (loop thread, while the VP waits) ---------------------------
+    # -- hooks for the dispatcher's string I/O (the thread that dispatches, while the VP waits) ------------
 
     def translate(self, partition: int, vp_index: int, linear: int, write: bool) -> int | None:
         """Guest-physical address of ``linear`` for VP ``vp_index`` (KVM_TRANSLATE once it pages)."""

@@ -259,7 +259,7 @@ class Vm:
         for other in self._regions:
             if gpa < other.end and other.guest_phys_addr < gpa + size:
                 raise ValueError(f"region {name!r} at {gpa:#x}+{size:#x} overlaps {other.name!r}")
-        fd = os.memfd_create(f"kvm-{name}", os.MFD_CLOEXEC)
+        fd = os.memfd_create(f"kvm-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
             mem = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)

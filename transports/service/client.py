@@ -2,9 +2,18 @@
 
 ::
 
-    async with connect_service("/run/user/1000/intercept-dispatch.sock") as client:
+    async with connect_service("/run/user/1000/intercept-dispatch.sock", vm=3) as client:
         print(client.ports)                       # the announced port set
         completion = await client.exchange(frame) # one intercept, one completion
+
+The client opens every connection with a HELLO naming its VM (the
+partition every one of its frames carries) and reads the service's
+HELLO_REPLY before anything else: a refusal raises
+:class:`~dispatcher.SessionRefusedError` with the service's reason, another
+major version :class:`~dispatcher.IncompatibleVersionError` naming both.
+:func:`connect_service` also refuses a socket served by a user it does not
+trust (:class:`~transports.socket_path.ServerIdentityError`) before sending
+anything.
 
 Many VPs may each have an intercept in flight over one connection; a
 completion is matched to its VP by (partition, VP index), which is all the
@@ -14,9 +23,10 @@ Frames from VPs that become ready together go out in one write.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
 
@@ -31,6 +41,7 @@ from dispatcher import (
     AccessType,
     Completion,
     DispatchError,
+    FrameError,
     IoPortInterceptMessage,
     PortRange,
     Transport,
@@ -39,12 +50,15 @@ from dispatcher import (
     decode_announcement,
     decode_completion,
 )
-from dispatcher.wire import frame_ids, message_type
+from dispatcher.errors import IncompatibleVersionError, SessionRefusedError
+from dispatcher.hello import Capability, Hello, HelloReply, HelloStatus, decode_hello_reply, encode_hello, version_text
+from dispatcher.wire import HELLO_REPLY, frame_ids, message_type
 
 from ..pipe import PipeTransport
-from ..unix import connect_unix
+from ..socket_path import allowed_server_uids, check_server
+from ..unix import UnixTransport, connect_unix
 
-__all__ = ["ServiceClient", "connect_service", "io_intercept", "spawn_service"]
+__all__ = ["ServiceClient", "check_hello_reply", "connect_service", "io_intercept", "open_session", "spawn_service"]
 
 log = logging.getLogger("intercept_dispatch.service")
 
@@ -62,6 +76,119 @@ def io_intercept(
         source_partition=partition,
         rip=rip,
     ).to_bytes()
+
+
+_REFUSALS = {
+    HelloStatus.REFUSED: "refused VM {vm}",
+    HelloStatus.NO_WORKER: "could not start a worker for VM {vm}",
+}
+
+
+def check_hello_reply(frame: bytes, hello: Hello, *, where: str) -> HelloReply:
+    """The service's answer to ``hello``, if it accepts; else the typed error saying why.
+
+    ``where`` names the service in errors ("the service at PATH"). Raises
+    :class:`~dispatcher.IncompatibleVersionError` (naming both versions) when
+    the service speaks another major version, :class:`~dispatcher.SessionRefusedError`
+    (with the service's reason) when it refuses, and
+    :class:`~dispatcher.TransportError` when ``frame`` is not a readable
+    HELLO_REPLY for the HELLO's VM.
+    """
+    kind = message_type(frame)
+    ours = (hello.major, hello.minor)
+    if kind != HELLO_REPLY:
+        raise TransportError(
+            f"{where} sent a frame of type {kind:#x} where its HELLO_REPLY was due "
+            f"(does it speak session version {version_text(*ours)}?)"
+        )
+    try:
+        reply = decode_hello_reply(frame)
+    except FrameError as error:
+        raise TransportError(f"{where} sent a HELLO_REPLY that cannot be read: {error}") from error
+    theirs = (reply.major, reply.minor)
+    if reply.major != hello.major:
+        raise IncompatibleVersionError(
+            f"{where} speaks session version {version_text(*theirs)}, this client {version_text(*ours)} "
+            "(the major versions must match)",
+            ours=ours,
+            theirs=theirs,
+        )
+    if reply.status is HelloStatus.INCOMPATIBLE_VERSION:
+        raise IncompatibleVersionError(
+            f"{where} refused session version {version_text(*ours)}: {reply.reason or 'no reason given'}",
+            ours=ours,
+            theirs=theirs,
+        )
+    if not reply.accepted:
+        what = _REFUSALS[reply.status].format(vm=hello.vm)
+        raise SessionRefusedError(
+            f"{where} {what}: {reply.reason or 'no reason given'}",
+            status=reply.status,
+            reason=reply.reason,
+            vm=hello.vm,
+        )
+    if reply.vm != hello.vm:
+        raise TransportError(f"{where} accepted VM {reply.vm}, but this client's HELLO named VM {hello.vm}")
+    return reply
+
+
+async def _receive_or_end(transport: Transport) -> list[bytes]:
+    # A reset (the service closed with our HELLO unread) is an end of stream too.
+    try:
+        return await transport.receive_batch()
+    except TransportClosedError:
+        return []
+
+
+def _default_capabilities(transport: Transport) -> Capability:
+    # A UNIX socket can carry guest memory descriptors; pipes cannot.
+    return Capability.GUEST_MEMORY if isinstance(transport, UnixTransport) else Capability.NONE
+
+
+async def open_session(
+    transport: Transport,
+    *,
+    vm: int = 0,
+    capabilities: Capability | None = None,
+    where: str = "the service",
+    timeout: float = 5.0,
+) -> tuple[HelloReply, list[PortRange]]:
+    """The opening for a VMM that reads the transport itself: HELLO as ``vm``, the reply, the announcement.
+
+    Returns the service's HELLO_REPLY and the port ranges it announced.
+    ``capabilities`` default as :class:`ServiceClient`'s; ``where`` names the
+    service in errors. Raises what :func:`check_hello_reply` raises, and
+    :class:`~dispatcher.TransportError` when the service does not answer
+    within ``timeout`` seconds or closes first.
+    """
+    hello = Hello(vm, capabilities=_default_capabilities(transport) if capabilities is None else capabilities)
+    reply: HelloReply | None = None
+    ranges: list[PortRange] = []
+    with anyio.move_on_after(timeout):
+        # A refusal may already have closed the connection: the reader then finds the reply.
+        with contextlib.suppress(TransportError):
+            await transport.send_batch([encode_hello(hello)])
+        while frames := await _receive_or_end(transport):
+            for frame in frames:
+                if reply is None:
+                    reply = check_hello_reply(frame, hello, where=where)
+                    continue
+                kind = message_type(frame)
+                if kind != ANNOUNCEMENT:
+                    raise TransportError(f"{where} sent a frame of type {kind:#x} before its port announcement")
+                try:
+                    part, final = decode_announcement(frame)
+                except FrameError as error:
+                    raise TransportError(f"{where} sent an announcement that cannot be read: {error}") from error
+                ranges.extend(part)
+                if final:
+                    return reply, ranges
+        if reply is None:
+            raise TransportClosedError(f"{where} closed the connection without answering the HELLO")
+        raise TransportClosedError(f"{where} closed the connection before announcing its ports")
+    if reply is None:
+        raise TransportError(f"{where} did not answer the HELLO within {timeout:g} s")
+    raise TransportError(f"{where} sent no port announcement within {timeout:g} s")
 
 
 class _Waiter:
@@ -82,15 +209,39 @@ class _Waiter:
 class ServiceClient:
     """Intercepts out, completions back, over any :class:`~dispatcher.Transport` to a service.
 
-    Use it as an async context manager: entering waits (up to
-    ``announce_timeout`` seconds) for the service's port announcement and
-    raises :class:`~dispatcher.TransportError` if none comes; leaving closes
-    the transport.
+    Use it as an async context manager: entering sends the HELLO for VM
+    ``vm`` with ``capabilities`` (by default GUEST_MEMORY over a UNIX
+    socket, which can carry memory descriptors, none otherwise), then waits
+    (up to ``announce_timeout`` seconds in all) for the service's HELLO_REPLY
+    and port announcement; leaving closes the transport. Entering raises
+    :class:`~dispatcher.SessionRefusedError` or
+    :class:`~dispatcher.IncompatibleVersionError` as
+    :func:`check_hello_reply` says, and :class:`~dispatcher.TransportError`
+    if the service does not answer. ``name`` begins every error message
+    (default: the transport's name).
     """
 
-    def __init__(self, transport: Transport, *, announce_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        vm: int = 0,
+        capabilities: Capability | None = None,
+        announce_timeout: float = 5.0,
+        name: str | None = None,
+    ) -> None:
         self.transport = transport
+        self.vm = vm
+        """The VM this connection is: the partition of its frames."""
+        self.capabilities = _default_capabilities(transport) if capabilities is None else capabilities
+        """What the HELLO says this client may do."""
+        self.hello = Hello(vm, capabilities=self.capabilities)  # ValueError now for a vm out of 64 bits
+        """The HELLO this client opens with."""
         self.announce_timeout = announce_timeout
+        self.name = name or str(getattr(transport, "name", "the service"))
+        """How errors name the service."""
+        self.reply: HelloReply | None = None
+        """The service's HELLO_REPLY (its version and capabilities), once it has accepted."""
         self.ports: list[PortRange] = []
         """The port ranges the service claims, as announced."""
         self._announcing: list[PortRange] = []
@@ -99,6 +250,7 @@ class ServiceClient:
         self._outbox: list[bytes] = []
         self._flushing = False
         self._error: DispatchError | None = None
+        self._ended = False
         self._task_group: anyio.abc.TaskGroup | None = None
 
     @property
@@ -167,33 +319,47 @@ class ServiceClient:
             while frames := await self.transport.receive_batch():
                 for frame in frames:
                     self._deliver(frame)
-            error = TransportClosedError("the service closed the connection")
+            self._ended = True
+            error = TransportClosedError(f"{self.name} closed the connection")
+        except TransportClosedError as failure:
+            # A reset (the service closed with our HELLO unread) is an end of stream too.
+            self._ended = True
+            error = failure
         except DispatchError as failure:
             error = failure
         self._fail_all(error)
 
     def _deliver(self, frame: bytes) -> None:
+        if self.reply is None:
+            self.reply = check_hello_reply(frame, self.hello, where=self.name)
+            return
         kind = message_type(frame)
-        if kind == COMPLETION:
-            completion = decode_completion(frame)
-            waiter = self._waiting.pop((completion.source_partition, completion.vp_index), None)
-            if waiter is None:
-                log.warning(
-                    "completion for partition %d, VP %#x, which has nothing in flight",
-                    completion.source_partition,
-                    completion.vp_index,
-                )
-                return
-            waiter.completion = completion
-            waiter.event.set()
-        elif kind == ANNOUNCEMENT:
-            ranges, final = decode_announcement(frame)
-            self._announcing.extend(ranges)
-            if final:
-                self.ports, self._announcing = self._announcing, []
-                self._announced.set()
-        else:
-            raise TransportError(f"the service sent a frame of type {kind:#x}, which clients do not read")
+        try:
+            if kind == COMPLETION:
+                self._complete(decode_completion(frame))
+            elif kind == ANNOUNCEMENT:
+                ranges, final = decode_announcement(frame)
+                self._announcing.extend(ranges)
+                if final:
+                    self.ports, self._announcing = self._announcing, []
+                    self._announced.set()
+            else:
+                raise TransportError(f"{self.name} sent a frame of type {kind:#x}, which clients do not read")
+        except FrameError as error:
+            what = "a completion" if kind == COMPLETION else "an announcement"
+            raise TransportError(f"{self.name} sent {what} that cannot be read: {error}") from error
+
+    def _complete(self, completion: Completion) -> None:
+        waiter = self._waiting.pop((completion.source_partition, completion.vp_index), None)
+        if waiter is None:
+            log.warning(
+                "completion for partition %d, VP %#x, which has nothing in flight",
+                completion.source_partition,
+                completion.vp_index,
+            )
+            return
+        waiter.completion = completion
+        waiter.event.set()
 
     def _fail_all(self, error: DispatchError) -> None:
         if self._error is None:
@@ -211,14 +377,28 @@ class ServiceClient:
         failure: DispatchError | None = None
         try:
             with anyio.fail_after(self.announce_timeout):
+                # The service may have answered (a refusal) and closed before the HELLO
+                # went out: then the reader, which gets to what arrived, says what happened.
+                with contextlib.suppress(TransportError):
+                    await self.transport.send_batch([encode_hello(self.hello)])
                 await self._announced.wait()
         except TimeoutError:
-            failure = TransportError(f"no port announcement from the service within {self.announce_timeout} s")
+            failure = TransportError(
+                f"{self.name} did not answer the HELLO within {self.announce_timeout:g} s"
+                if self.reply is None
+                else f"{self.name} sent no port announcement within {self.announce_timeout:g} s"
+            )
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
         if failure is None and self._error is not None:
-            failure = TransportClosedError(f"no port announcement from the service: {self._error}")
+            failure = self._error
+            if self._ended:
+                failure = TransportClosedError(
+                    f"{self.name} closed the connection without answering the HELLO"
+                    if self.reply is None
+                    else f"{self.name} closed the connection before announcing its ports"
+                )
         if failure is not None:
             await self.__aexit__(None, None, None)
             raise failure
@@ -236,17 +416,39 @@ class ServiceClient:
 
 @asynccontextmanager
 async def connect_service(
-    path: str | os.PathLike[str], *, announce_timeout: float = 5.0
+    path: str | os.PathLike[str],
+    *,
+    vm: int = 0,
+    server_uid: int | Iterable[int] | None = None,
+    capabilities: Capability | None = None,
+    announce_timeout: float = 5.0,
 ) -> AsyncIterator[ServiceClient]:
-    """Connect to a service's UNIX socket; yields the client once the service has announced its ports."""
-    transport = await connect_unix(path)
-    async with ServiceClient(transport, announce_timeout=announce_timeout) as client:
+    """Connect to a service's UNIX socket as VM ``vm``; yields the client once the service has announced its ports.
+
+    The process listening there must be run by this user, by root or by a
+    user in ``server_uid`` (one uid or several), else
+    :class:`~transports.socket_path.ServerIdentityError` is raised before
+    anything is sent. Refusals and version mismatches raise as
+    :class:`ServiceClient` says.
+    """
+    where = f"the service at {os.fspath(path)}"
+    transport = await connect_unix(path, name=where)
+    try:
+        check_server(transport.socket, allowed_server_uids(server_uid), path=path)
+    except BaseException:
+        await transport.aclose()
+        raise
+    async with ServiceClient(
+        transport, vm=vm, capabilities=capabilities, announce_timeout=announce_timeout, name=where
+    ) as client:
         yield client
 
 
 @asynccontextmanager
-async def spawn_service(argv: Sequence[str], *, announce_timeout: float = 30.0) -> AsyncIterator[ServiceClient]:
-    """Run a service as a child process speaking on its stdin and stdout (``serve --stdio``).
+async def spawn_service(
+    argv: Sequence[str], *, vm: int = 0, capabilities: Capability | None = None, announce_timeout: float = 30.0
+) -> AsyncIterator[ServiceClient]:
+    """Run a service as a child process speaking on its stdin and stdout (``serve --stdio``), as VM ``vm``.
 
     ``announce_timeout`` includes the child's start-up. Leaving closes the
     pipes, which makes the service exit; it is killed if it has not within
@@ -263,9 +465,12 @@ async def spawn_service(argv: Sequence[str], *, announce_timeout: float = 30.0) 
     finally:
         os.close(to_child)
         os.close(from_child)
-    transport = PipeTransport(child_stdout, child_stdin, name=f"pipes to {argv[0]} (pid {process.pid})")
+    where = f"the service {argv[0]} (pid {process.pid})"
+    transport = PipeTransport(child_stdout, child_stdin, name=where)
     try:
-        async with ServiceClient(transport, announce_timeout=announce_timeout) as client:
+        async with ServiceClient(
+            transport, vm=vm, capabilities=capabilities, announce_timeout=announce_timeout, name=where
+        ) as client:
             yield client
     finally:
         with anyio.CancelScope(shield=True):

@@ -23,13 +23,29 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
 
-__all__ = ["USAGE", "CommandParser", "ExitStatuses", "describe_unreachable", "exit_status_text", "seconds"]
+from ..socket_path import SocketPathError, default_socket_path
+
+__all__ = [
+    "SOCKET_HELP",
+    "USAGE",
+    "CommandParser",
+    "ExitStatuses",
+    "describe_unreachable",
+    "exit_status_text",
+    "seconds",
+    "socket_path",
+]
 
 USAGE = 2
 """The exit status of a usage error (argparse's)."""
 ExitStatuses: TypeAlias = Mapping[int, str] | Mapping[int | str, str]
 """Each exit status (or a text naming several) and what it means."""
 _SUN_PATH = 108  # sizeof(sockaddr_un.sun_path) on Linux, the terminating NUL included
+SOCKET_HELP = (
+    "the service's socket (default $XDG_RUNTIME_DIR/intercept-dispatch.sock; for root without XDG_RUNTIME_DIR, "
+    "/run/intercept-dispatch/intercept-dispatch.sock)"
+)
+"""The help of a command's ``--socket`` option: where the default is."""
 
 
 def seconds(*, zero: bool, at_most: float = math.inf) -> Callable[[str], float]:
@@ -102,6 +118,18 @@ class CommandParser(argparse.ArgumentParser):
         """Print ``PROG: error: MESSAGE`` as one line on standard error; return ``status`` (to be the exit status)."""
         print(f"{self.prog}: error: {' '.join(message.split())}", file=sys.stderr)
         return status
+
+
+def socket_path(parser: CommandParser, given: str | None) -> str:
+    """The socket path a command uses: ``given`` (its ``--socket``) or the default; a usage error when neither is."""
+    if given is None:
+        try:
+            return default_socket_path()
+        except SocketPathError as error:
+            parser.error(f"argument --socket: {error}")
+    if not given:
+        parser.error("argument --socket: the path is empty")
+    return given
 
 
 def describe_unreachable(path: str, error: OSError | ValueError, *, start: str) -> str:

@@ -20,9 +20,12 @@ from typing import Any
 
 from dispatcher import DispatchError
 
-from ..unix import DEFAULT_MODE, default_socket_path
+from ..shared_memory import MAX_BYTES, MAX_REGIONS
+from ..unix import DEFAULT_MODE
 from .backends import BACKENDS
-from .command_line import CommandParser
+from .command_line import SOCKET_HELP, CommandParser
+from .ratelimit import DEFAULT_LOG_RATE
+from .sandbox import DEFAULT_ADDRESS_SPACE, DEFAULT_OPEN_FILES, SandboxLimits
 
 __all__ = [
     "EXIT_FAILED",
@@ -41,6 +44,8 @@ BACKEND_NAMES = tuple(BACKENDS)
 MAX_SECONDS = 86_400.0
 """The longest deadline, grace period or statistics interval: a day."""
 MAX_UID = 0xFFFF_FFFE  # (uid_t)-1 means "no user"
+MAX_COUNT = 1_000_000
+"""The highest connection or VM limit."""
 
 
 class ConfigError(DispatchError):
@@ -60,9 +65,28 @@ class ServiceConfig:
     stats_interval: float | None = None
     grace: float = 5.0
     log_level: str = "INFO"
+    log_rate: int = DEFAULT_LOG_RATE
     backend: str = "asyncio"
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
+    in_process: bool = False
+    device_paths: tuple[str, ...] = ()
+    max_connections: int = 1024
+    max_connections_per_uid: int = 64
+    max_vms: int = 256
+    opening_timeout: float = 5.0
+    max_regions: int = MAX_REGIONS
+    max_guest_memory: int = MAX_BYTES
+    address_space: int | None = DEFAULT_ADDRESS_SPACE
+    open_files: int | None = DEFAULT_OPEN_FILES
+    user: str | None = None
+    seccomp: bool = True
+
+    def sandbox_limits(self) -> SandboxLimits:
+        """What each worker process's sandbox enforces (:mod:`.sandbox`)."""
+        return SandboxLimits(
+            address_space=self.address_space, open_files=self.open_files, user=self.user, seccomp=self.seccomp
+        )
 
     @classmethod
     def from_toml(cls, path: str) -> ServiceConfig:
@@ -182,6 +206,58 @@ def _devices(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _count(value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not a whole number")
+    if not 1 <= value <= MAX_COUNT:
+        raise ValueError(f"{value} is out of range (1 to {MAX_COUNT})")
+    return value
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _bytes(low: int) -> Callable[[object], int]:
+    def check(value: object) -> int:
+        if isinstance(value, str):
+            found = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", value.lower())
+            if found is None:
+                raise ValueError(f"{value!r} is not a size in bytes (e.g. 68719476736, 64G or 512M)")
+            value = int(found.group(1)) * _SIZE_UNITS[found.group(2)]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{value!r} is not a size in bytes")
+        if not low <= value <= 1 << 56:
+            raise ValueError(f"{value} is out of range ({low} to {1 << 56} bytes)")
+        return value
+
+    return check
+
+
+def _count_from(low: int) -> Callable[[object], int]:
+    def check(value: object) -> int:
+        number = _count(value) if not (isinstance(value, int | str) and str(value).strip() == "0") else 0
+        if number < low:
+            raise ValueError(f"{number} is out of range ({low} to {MAX_COUNT})")
+        return number
+
+    return check
+
+
+def _directories(value: object) -> tuple[str, ...]:
+    items = value if isinstance(value, list | tuple) else [value]
+    paths = []
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"{item!r} is not a directory path")
+        path = os.path.abspath(os.path.expanduser(item))
+        if not os.path.isdir(path):
+            raise ValueError(f"{item} is not a directory")
+        paths.append(path)
+    return tuple(paths)
+
+
 def _flag(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{value!r} is not true or false")
@@ -198,9 +274,22 @@ _CHECKS: dict[str, Callable[[object], object]] = {
     "stats_interval": _seconds(0.1, zero=True),
     "grace": _seconds(0.0),
     "log_level": _choice(LOG_LEVELS, upper=True),
+    "log_rate": _count_from(0),
     "backend": _choice(BACKEND_NAMES),
     "metrics_port": _port,
     "metrics_address": _string,
+    "in_process": _flag,
+    "device_paths": _directories,
+    "max_connections": _count,
+    "max_connections_per_uid": _count,
+    "max_vms": _count,
+    "opening_timeout": _seconds(0.1),
+    "max_regions": _count_from(0),
+    "max_guest_memory": _bytes(0),
+    "address_space": _bytes(1 << 26),
+    "open_files": _count_from(16),
+    "user": _string,
+    "seccomp": _flag,
 }
 assert set(_CHECKS) == {f.name for f in fields(ServiceConfig)}
 
@@ -254,9 +343,17 @@ def argument_parser(*, has_default_devices: bool) -> CommandParser:
         help="a Router, a device object or a factory of either; repeatable "
         + ("(default: the command's built-in device set)" if has_default_devices else "(at least one is needed)"),
     )
+    parser.add_argument(
+        "--device-path",
+        action="append",
+        dest="device_paths",
+        type=_option(_directories),
+        metavar="DIR",
+        help="also look for --device modules in this directory (repeatable); the working directory is never searched",
+    )
     parser.add_argument("--config", metavar="FILE", help="a TOML file of these settings (options given here win)")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--socket", metavar="PATH", help=f"UNIX socket to listen on (default {default_socket_path()})")
+    where.add_argument("--socket", metavar="PATH", help="UNIX socket to listen on (" + SOCKET_HELP.partition("(")[2])
     where.add_argument(
         "--stdio",
         action="store_true",
@@ -292,6 +389,71 @@ def argument_parser(*, has_default_devices: bool) -> CommandParser:
         metavar="SECONDS",
         help=f"how long a stop waits for in-flight intercepts, 0 to {MAX_SECONDS:g} (default 5)",
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        default=None,
+        help="serve every VM in this one process (unisolated: a crash or a hung handler ends every VM; "
+        "for tests and embedding). By default each VM has a worker process of its own",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_option(_count),
+        metavar="N",
+        help="VMM connections open at once, over every VM (default 1024)",
+    )
+    parser.add_argument(
+        "--max-connections-per-uid",
+        type=_option(_count),
+        metavar="N",
+        help="VMM connections open at once from one user id (default 64)",
+    )
+    parser.add_argument("--max-vms", type=_option(_count), metavar="N", help="VMs served at once (default 256)")
+    parser.add_argument(
+        "--opening-timeout",
+        type=_option(_seconds(0.1)),
+        metavar="SECONDS",
+        help=f"how long a new connection may take to send its HELLO, 0.1 to {MAX_SECONDS:g} (default 5)",
+    )
+    sandbox = parser.add_argument_group("each VM's worker process (not with --in-process)")
+    sandbox.add_argument(
+        "--user",
+        type=_option(_string),
+        metavar="NAME",
+        help="run the workers as this user (the service must be started as root); default: the service's user",
+    )
+    sandbox.add_argument(
+        "--address-space",
+        type=_option(_bytes(1 << 26)),
+        metavar="BYTES",
+        help=f"a worker's address space limit, RLIMIT_AS (e.g. 80G; default {DEFAULT_ADDRESS_SPACE >> 30}G: "
+        "the guest memory it may map and 8G more)",
+    )
+    sandbox.add_argument(
+        "--open-files",
+        type=_option(_count_from(16)),
+        metavar="N",
+        help=f"a worker's descriptor limit, RLIMIT_NOFILE (default {DEFAULT_OPEN_FILES})",
+    )
+    sandbox.add_argument(
+        "--no-seccomp",
+        dest="seccomp",
+        action="store_false",
+        default=None,
+        help="do not load the system-call filter (where libseccomp is not available)",
+    )
+    parser.add_argument(
+        "--max-regions",
+        type=_option(_count_from(0)),
+        metavar="N",
+        help=f"guest memory regions one VM may have mapped at once (default {MAX_REGIONS})",
+    )
+    parser.add_argument(
+        "--max-guest-memory",
+        type=_option(_bytes(0)),
+        metavar="BYTES",
+        help=f"bytes of guest memory one VM may have mapped at once (e.g. 16G; default {MAX_BYTES >> 30}G)",
+    )
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument(
         "--log-level", type=_option(_choice(LOG_LEVELS, upper=True)), metavar="LEVEL", help=", ".join(LOG_LEVELS)
@@ -301,6 +463,13 @@ def argument_parser(*, has_default_devices: bool) -> CommandParser:
     )
     verbosity.add_argument(
         "-q", "--quiet", dest="log_level", action="store_const", const="WARNING", help="log warnings and errors only"
+    )
+    parser.add_argument(
+        "--log-rate",
+        type=_option(_count_from(0)),
+        metavar="LINES",
+        help=f"log lines per second per process, beyond which a summary counts what was dropped "
+        f"(0: no cap; default {DEFAULT_LOG_RATE})",
     )
     parser.add_argument(
         "--backend",
@@ -342,14 +511,28 @@ def config_from_arguments(args: argparse.Namespace) -> ServiceConfig:
             "stats_interval",
             "grace",
             "log_level",
+            "log_rate",
             "backend",
             "metrics_port",
             "metrics_address",
+            "in_process",
+            "max_connections",
+            "max_connections_per_uid",
+            "max_vms",
+            "opening_timeout",
+            "max_regions",
+            "max_guest_memory",
+            "address_space",
+            "open_files",
+            "user",
+            "seccomp",
         )
         if getattr(args, name) is not None
     }
     if "devices" in given:
         given["devices"] = tuple(given["devices"])
+    if args.device_paths is not None:
+        given["device_paths"] = tuple(path for paths in args.device_paths for path in paths)
     if args.allow_uid is not None:
         given["allow_uid"] = frozenset().union(*args.allow_uid)
     # The command line's --socket or --stdio overrides the config file's choice of either.

@@ -19,14 +19,13 @@ from __future__ import annotations
 import enum
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import anyio
 
 from dispatcher import DispatchError, FieldValueError, FrameError, Transport, TransportClosedError, TransportError
 from dispatcher.wire import (
-    ANNOUNCEMENT,
     CONTROL_REPLY,
     CONTROL_REPLY_HEAD,
     CONTROL_REQUEST,
@@ -39,6 +38,7 @@ from dispatcher.wire import (
     message_type,
 )
 
+from ..socket_path import allowed_server_uids, check_server
 from ..unix import connect_unix
 
 __all__ = [
@@ -92,6 +92,9 @@ class Status(enum.IntEnum):
     BAD_REQUEST = 1
     UNKNOWN_REQUEST = 2
     NO_SUCH_VM = 3
+
+
+_STATUSES = frozenset(Status)
 
 
 class ControlRequest(NamedTuple):
@@ -189,7 +192,10 @@ def encode_reply(document: bytes, *, status: int = Status.OK, request_id: int = 
 
 
 def decode_reply(frame: bytes) -> ControlReply:
-    """Parse one reply frame; raise a :class:`~dispatcher.FrameError` naming the bad field and its offset."""
+    """Parse one reply frame; raise a :class:`~dispatcher.FrameError` naming the bad field and its offset.
+
+    A Version other than 1 or a Status this version does not define is an error.
+    """
     size = check_header(frame, _REPLY_ONLY)
     *_, partition, version, flags, status, request_id, offset = CONTROL_REPLY_HEAD.unpack_from(frame)
     if version != CONTROL_VERSION:
@@ -198,6 +204,13 @@ def decode_reply(frame: bytes) -> ControlReply:
             field="version",
             offset=Offset.CONTROL_VERSION,
             value=version,
+        )
+    if status not in _STATUSES:
+        raise FieldValueError(
+            f"not a control reply status this version defines ({min(_STATUSES)}-{max(_STATUSES)})",
+            field="status",
+            offset=Offset.CONTROL_REPLY_STATUS,
+            value=status,
         )
     data = bytes(frame[Offset.CONTROL_REPLY_DATA : HEADER_SIZE + size])
     return ControlReply(partition, bool(flags & FINAL), status, request_id, offset, data)
@@ -229,20 +242,28 @@ async def serve_control(transport: Transport, answer: Callable[[ControlRequest],
 
 
 async def control_request(
-    path: str | os.PathLike[str], kind: Request, *, vm: int | None = None, timeout: float = 5.0
+    path: str | os.PathLike[str],
+    kind: Request,
+    *,
+    vm: int | None = None,
+    timeout: float = 5.0,
+    server_uid: int | Iterable[int] | None = None,
 ) -> Any:
     """Ask the service listening at ``path``; return the reply's JSON document, decoded.
 
     Raises ``OSError`` when nothing listens there, ``TimeoutError`` after
     ``timeout`` seconds without the whole reply, :class:`ControlError` when
-    the service answers with an error status, and another
-    :class:`~dispatcher.DispatchError` when the connection breaks or what
-    comes back is not a reply.
+    the service answers with an error status,
+    :class:`~transports.socket_path.ServerIdentityError` (before sending
+    anything) when the listener is run by a user other than this one, root
+    or ``server_uid``, and another :class:`~dispatcher.DispatchError` when
+    the connection breaks or what comes back is not a reply.
     """
     where = f"the service at {os.fspath(path)}"
     with anyio.fail_after(timeout):
         transport = await connect_unix(path, name=where)
         async with transport:
+            check_server(transport.socket, allowed_server_uids(server_uid), path=path)
             try:
                 await transport.send_batch([encode_request(kind, vm=vm, request_id=1)])
                 reply = await _read_reply(transport, request_id=1, where=where)
@@ -265,8 +286,6 @@ async def _read_reply(transport: Transport, *, request_id: int, where: str) -> R
     while frames := await transport.receive_batch():
         for frame in frames:
             kind = message_type(frame)
-            if kind == ANNOUNCEMENT:
-                continue  # sent on every connection before it knows what the connection is for
             if kind != CONTROL_REPLY:
                 raise TransportError(f"{where} sent a frame of type {kind:#x} instead of a control reply")
             try:
@@ -282,9 +301,5 @@ async def _read_reply(transport: Transport, *, request_id: int, where: str) -> R
             if len(document) > MAX_DOCUMENT:
                 raise TransportError(f"{where} sent a reply longer than {MAX_DOCUMENT} bytes")
             if chunk.final:
-                try:
-                    status = Status(chunk.status)
-                except ValueError:
-                    raise TransportError(f"{where} answered with unknown status {chunk.status}") from None
-                return Reply(status, bytes(document))
+                return Reply(Status(chunk.status), bytes(document))
     raise TransportClosedError("end of stream before the reply")

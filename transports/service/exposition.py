@@ -2,9 +2,10 @@
 
 The format is produced by the ``prometheus_client`` library, an optional
 dependency (``pip install 'intercept-dispatch[metrics]'``). The endpoint
-runs on the service's own event loop, not in a thread: a scrape reads the
-same statistics document ``intercept-dispatch stats`` gets, built between
-two handler calls, so it is consistent and needs no lock on the hot path.
+runs on the service's own event loop (the supervisor's, when each VM has a
+worker process), not in a thread: a scrape gets the same statistics
+document ``intercept-dispatch stats`` gets, each VM's part built between
+two of its handler calls, so it needs no lock on the hot path.
 
 Metric names start with ``intercept_dispatch_``; docs/SERVICE.md lists them.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -88,8 +89,20 @@ class ServiceCollector:
             prefix + "connections", "VMM connections accepted since start.", value=connections["total"]
         )
         yield CounterMetricFamily(
-            prefix + "connections_refused", "Connections refused (--allow-uid).", value=connections["refused"]
+            prefix + "connections_refused",
+            "Connections refused (--allow-uid or a limit).",
+            value=connections["refused"],
         )
+        workers = document.get("workers")
+        if workers is not None:
+            yield GaugeMetricFamily(
+                prefix + "workers", "Worker processes running (one per VM).", value=workers["running"]
+            )
+            yield CounterMetricFamily(
+                prefix + "worker_failures",
+                "Worker processes that ended unbidden (a crash, a kill, a hung handler).",
+                value=workers["failed"],
+            )
         round_trip = GaugeMetricFamily(
             prefix + "round_trip_seconds",
             "Sampled time from reading a batch to writing its first completion, as percentiles of the last samples.",
@@ -133,16 +146,18 @@ def registry(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:
 
 
 async def serve_metrics(
-    listener: anyio.abc.Listener[anyio.abc.SocketStream], snapshot: Callable[[], dict[str, Any]]
+    listener: anyio.abc.Listener[anyio.abc.SocketStream], snapshot: Callable[[], Awaitable[dict[str, Any]]]
 ) -> None:
-    """Answer ``GET /metrics`` (and ``/``) on ``listener`` until cancelled; the listener is closed at the end."""
-    metrics = registry(snapshot)
+    """Answer ``GET /metrics`` (and ``/``) on ``listener`` until cancelled; the listener is closed at the end.
+
+    ``snapshot`` gets the statistics document (from every worker, so it may await).
+    """
 
     async def answer(stream: anyio.abc.SocketStream) -> None:
         async with stream:
             try:
                 with anyio.fail_after(REQUEST_TIMEOUT):
-                    await _answer(stream, metrics)
+                    await _answer(stream, snapshot)
             except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, ValueError) as error:
                 # A scraper that goes away or talks nonsense is its own problem, not the service's.
                 log.debug("metrics endpoint: a request failed: %r", error)
@@ -151,7 +166,7 @@ async def serve_metrics(
         await listener.serve(answer)
 
 
-async def _answer(stream: anyio.abc.SocketStream, metrics: CollectorRegistry) -> None:
+async def _answer(stream: anyio.abc.SocketStream, snapshot: Callable[[], Awaitable[dict[str, Any]]]) -> None:
     from prometheus_client.exposition import choose_encoder
 
     head = b""
@@ -170,7 +185,8 @@ async def _answer(stream: anyio.abc.SocketStream, metrics: CollectorRegistry) ->
         await _respond(stream, "404 Not Found", "text/plain", b"the metrics are at /metrics\n")
     else:
         encoder, content_type = choose_encoder(headers.get("accept", ""))
-        body = encoder(metrics)
+        document = await snapshot()
+        body = encoder(registry(lambda: document))
         await _respond(stream, "200 OK", content_type, b"" if method == "HEAD" else body, length=len(body))
 
 

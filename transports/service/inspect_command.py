@@ -56,10 +56,12 @@ def format_inspect_text(document: dict[str, Any]) -> str:
     """The inspection document as an indented list, for people."""
     vm = document["vm"]
     devices = document["devices"]
-    whose = f"VM {vm}'s calls" if vm is not None else "calls from all VMs"
-    lines = [f"{len(devices)} devices ({whose}; the devices are shared by every VM the service serves)"]
+    vms = sorted({device.get("vm") for device in devices if device.get("vm") is not None})
+    whose = f"VM {vm}'s" if vm is not None else f"{len(vms)} VMs'"
+    lines = [f"{len(devices)} devices ({whose}; each VM has devices of its own)"]
     for device in devices:
-        lines += ["", f"{device['name']} ({device['type']}): {_calls(device['calls'])}"]
+        owner = f"VM {device['vm']}: " if vm is None and "vm" in device else ""
+        lines += ["", f"{owner}{device['name']} ({device['type']}): {_calls(device['calls'])}"]
         for handler in device["handlers"]:
             lines.append(f"  {handler['ports']:<20} {handler['name']}: {_calls(handler['calls'])}")
         registers = device["registers"]

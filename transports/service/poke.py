@@ -6,8 +6,11 @@
     intercept-dispatch poke inb 0x3FF          # prints 0x5a
     intercept-dispatch poke ports              # the ports the service claims
 
-Every error is one line on standard error naming what was wrong; the exit
-statuses are :data:`EXIT_STATUSES` (``poke --help`` lists them).
+It connects as VM ``--vm`` (the partition of its frames), opening with a
+HELLO as every VMM does, and talks only to a service run by this user,
+root, or a ``--server-uid``. Every error is one line on standard error
+naming what was wrong; the exit statuses are :data:`EXIT_STATUSES`
+(``poke --help`` lists them).
 """
 
 from __future__ import annotations
@@ -20,20 +23,24 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from dispatcher import Completion, DispatchError, PortRange, Status
+from dispatcher.errors import IncompatibleVersionError, SessionRefusedError
 
-from ..unix import UnixTransport, connect_unix, default_socket_path
+from ..socket_path import ServerIdentityError, allowed_server_uids, check_server
+from ..unix import UnixTransport, connect_unix
 from .client import ServiceClient, io_intercept
-from .command_line import USAGE, CommandParser, describe_unreachable, seconds
+from .command_line import SOCKET_HELP, USAGE, CommandParser, describe_unreachable, seconds, socket_path
 
-__all__ = ["COMPLETED", "ERROR_REPLY", "EXIT_STATUSES", "INTERRUPTED", "UNREACHABLE", "USAGE", "main"]
+__all__ = ["COMPLETED", "ERROR_REPLY", "EXIT_STATUSES", "INTERRUPTED", "REFUSED", "UNREACHABLE", "USAGE", "main"]
 
 PROG = "intercept-dispatch poke"
-COMPLETED, ERROR_REPLY, UNREACHABLE, INTERRUPTED = 0, 1, 3, 130
+COMPLETED, ERROR_REPLY, UNREACHABLE, REFUSED, INTERRUPTED = 0, 1, 3, 4, 130
 EXIT_STATUSES = {
     COMPLETED: "the access completed (an IN printed the value read)",
     ERROR_REPLY: "the service answered with an error status (printed)",
     USAGE: "usage error (the line printed says what was wrong)",
     UNREACHABLE: "no service answered at the socket, or it broke off",
+    REFUSED: "the service refused this VM (its reason printed) or speaks another session version, "
+    "or the socket is served by a user not trusted (see --server-uid)",
     INTERRUPTED: "interrupted (Ctrl-C)",
 }
 """The exit statuses of ``poke`` and what each means."""
@@ -78,9 +85,7 @@ def _parser() -> CommandParser:
         "  intercept-dispatch poke ports              # the ports the service claims",
         exit_statuses=EXIT_STATUSES,
     )
-    parser.add_argument(
-        "--socket", metavar="PATH", default=None, help=f"the service's socket (default {default_socket_path()})"
-    )
+    parser.add_argument("--socket", metavar="PATH", default=None, help=SOCKET_HELP)
     parser.add_argument(
         "--vp",
         metavar="N",
@@ -89,11 +94,21 @@ def _parser() -> CommandParser:
         help="VP index to send as, 0..0xFFFFFFFF (default 0)",
     )
     parser.add_argument(
+        "--vm",
         "--partition",
-        metavar="N",
-        type=_bounded("a partition id", 64),
+        dest="vm",
+        metavar="ID",
+        type=_bounded("a VM id", 64),
         default=0,
-        help="partition id to send as, 64 bits (default 0)",
+        help="the VM to connect as: the partition id of the frames, 64 bits (default 0)",
+    )
+    parser.add_argument(
+        "--server-uid",
+        metavar="UID",
+        type=_bounded("a user id", 32),
+        action="append",
+        default=[],
+        help="also trust a service run by this user id (repeatable); by default only this user's and root's",
     )
     parser.add_argument(
         "--timeout",
@@ -152,8 +167,11 @@ def _leaf(error: BaseException) -> BaseException:
     return error
 
 
-async def _talk(transport: UnixTransport, args: argparse.Namespace) -> tuple[list[PortRange], Completion | None]:
-    async with ServiceClient(transport, announce_timeout=args.timeout) as client:
+async def _talk(
+    transport: UnixTransport, args: argparse.Namespace, where: str
+) -> tuple[list[PortRange], Completion | None]:
+    check_server(transport.socket, allowed_server_uids(args.server_uid), path=args.socket)
+    async with ServiceClient(transport, vm=args.vm, announce_timeout=args.timeout, name=where) as client:
         if args.access == "ports":
             return client.ports, None
         frame = io_intercept(
@@ -162,7 +180,7 @@ async def _talk(transport: UnixTransport, args: argparse.Namespace) -> tuple[lis
             write=args.access.startswith("out"),
             value=args.value or 0,
             vp=args.vp,
-            partition=args.partition,
+            partition=args.vm,
         )
         with anyio.fail_after(args.timeout):
             return client.ports, await client.exchange(frame)
@@ -203,29 +221,39 @@ def unclaimed_note(ports: Sequence[PortRange], port: int, size: int, *, write: b
     )
 
 
-async def _poke(parser: CommandParser, args: argparse.Namespace, path: str) -> int:
+def _about(where: str, error: BaseException) -> str:
+    # The client's errors begin with the service's name (or, for an impostor, the socket's): say it once.
+    text = str(error)
+    return text if text.startswith((where, "the socket ")) else f"{where}: {text}"
+
+
+async def _poke(parser: CommandParser, args: argparse.Namespace) -> int:
+    path = args.socket
+    where = f"the service at {path}"
     try:
         with anyio.fail_after(args.timeout):
-            transport = await connect_unix(path)
+            transport = await connect_unix(path, name=where)
     except TimeoutError:
-        return parser.fail(
-            f"the service at {path} did not accept the connection within {args.timeout:g} s", UNREACHABLE
-        )
+        return parser.fail(f"{where} did not accept the connection within {args.timeout:g} s", UNREACHABLE)
     except (OSError, ValueError) as error:
         return parser.fail(
             describe_unreachable(path, error, start=f"intercept-dispatch serve --socket {path}"), UNREACHABLE
         )
     failure: BaseException | None = None
     try:
-        ports, completion = await _talk(transport, args)
+        ports, completion = await _talk(transport, args, where)
     except BaseException as raised:
         failure = _leaf(raised)
         if not isinstance(failure, TimeoutError | DispatchError | OSError):
             raise
+    finally:
+        await transport.aclose()
     if isinstance(failure, TimeoutError):
-        return parser.fail(f"the service at {path} did not answer within {args.timeout:g} s", UNREACHABLE)
+        return parser.fail(f"{where} did not answer within {args.timeout:g} s", UNREACHABLE)
+    if isinstance(failure, SessionRefusedError | IncompatibleVersionError | ServerIdentityError):
+        return parser.fail(_about(where, failure), REFUSED)
     if failure is not None:
-        return parser.fail(f"the service at {path}: {failure}", UNREACHABLE)
+        return parser.fail(_about(where, failure), UNREACHABLE)
     if completion is None:
         for r in ports:
             print(f"{r.first:#06x}-{r.last:#06x} {'r' if r.access & 1 else '-'}{'w' if r.access & 2 else '-'}")
@@ -252,11 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _check(parser, args)
-    path = default_socket_path() if args.socket is None else args.socket
-    if not path:
-        parser.error("argument --socket: the path is empty")
+    args.socket = socket_path(parser, args.socket)
     try:
-        result: int = anyio.run(_poke, parser, args, path)
+        result: int = anyio.run(_poke, parser, args)
     except BrokenPipeError:
         # Whoever read our output has gone (``poke ports | head -1``): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -1,170 +1,158 @@
 """The device backend service: what ``intercept-dispatch serve`` runs.
 
 A process beside the VMM that owns the device models, as vhost-user and
-vfio-user daemons do. It loads devices, listens on a UNIX socket (or serves
-one VMM on stdin/stdout), announces its ports on every connection and
-answers intercepts. Every connection has its own engine: a malformed frame,
-a desynchronised stream or a VMM killed mid-frame ends at most that
-connection. The devices themselves are shared, so a VMM that reconnects
-finds them as it left them. A connection whose first frame is a control
-request (:mod:`.control`) is a tool asking for statistics or device state
-instead. SIGTERM/SIGINT stop it gracefully, SIGUSR1 logs a statistics line.
-docs/SERVICE.md is the operator's guide.
+vfio-user daemons do. It listens on a UNIX socket (or serves one VMM on
+stdin/stdout); every VMM connection opens with a HELLO naming its VM (a
+partition), then gets the port announcement and is answered intercept by
+intercept. Every VM has devices of its own: each ``--device`` factory is
+called once per VM, so two VMs never share device state.
+
+By default each VM runs in a worker process of its own, started by a
+supervisor (:mod:`.supervisor`) on the VM's first connection: a crash, a
+hung handler or a guest that corrupts its device model ends that VM only.
+``--in-process`` serves every VM in this one process instead (:class:`Service`:
+unisolated, for tests and embedding). A connection whose first frame is a
+control request (:mod:`.control`) is a tool asking for statistics or device
+state instead. SIGTERM/SIGINT stop it gracefully, SIGUSR1 logs a statistics
+line. docs/SERVICE.md is the operator's guide.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import importlib.metadata
-import json
 import logging
-import math
 import os
 import signal
-import socket
-import sys
-import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import anyio
 import anyio.abc
 
-from dispatcher import Dispatcher, DispatchError, PortRange, Router, TransportError, encode_announcement
+from dispatcher import DispatchError, Router
+from dispatcher.hello import Hello, HelloStatus
 
 from ..fdstream import FdStreamTransport
-from ..latency import LatencySamples
 from ..pipe import stdio_transport
-from ..shared_memory import with_shared_memory
-from ..unix import UnixListener, UnixTransport, default_socket_path
+from ..shared_memory import MAX_BYTES, MAX_REGIONS
+from ..socket_path import ROOT_SOCKET_DIRECTORY, SocketPathError, check_bind_directory, default_socket_path
+from ..unix import UnixListener
 from . import systemd
 from .backends import BackendUnavailableError, check_backend
 from .config import EXIT_FAILED, EXIT_USAGE, ConfigError, ServiceConfig, argument_parser, config_from_arguments
-from .control import CONTROL_TYPES, ControlRequest, Reply, Request, Status, serve_control
-from .devices import load_devices
+from .devices import DeviceLoader, add_device_paths
 from .exposition import MetricsUnavailableError, check_metrics
-from .metrics import instrument
-from .ratelimit import RateLimit, template_key
-from .report import UnknownVmError, inspect_document, stats_document
-from .stats import format_stats
+from .opening import OpeningError, read_opening, refuse
+from .ratelimit import RateLimit
+from .report import merge_inspect, merge_stats
+from .sandbox import SandboxError, check_sandbox
+from .stats import format_document
+from .supervisor import Front, Limits, Supervisor, WorkerSettings, check_devices
+from .worker import LOG_FORMAT, SERVICE_CAPABILITIES, VmDevices, configure_logging, describe_ports, failure_kind
 
-__all__ = ["Service", "ServiceStartError", "configure_logging", "failure_kind", "main", "run"]
+__all__ = ["LOG_FORMAT", "Service", "ServiceStartError", "configure_logging", "failure_kind", "main", "run"]
 
 log = logging.getLogger("intercept_dispatch.service")
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class ServiceStartError(DispatchError):
     """The service cannot start; ``str()`` says why, naming the path or address."""
 
 
-def _describe(ranges: Sequence[PortRange]) -> str:
-    access = {1: "r", 2: "w", 3: "rw"}
-    return ", ".join(f"{r.first:#x}{f'-{r.last:#x}' if r.last != r.first else ''} {access[r.access]}" for r in ranges)
+class Service(Front):
+    """Serves every VM in this process (``serve --in-process``): one router and dispatcher per VM.
 
-
-def _about(name: str, error: BaseException) -> str:
-    # A transport's errors already begin with the connection's name; say it once.
-    text = str(error)
-    return text if text.startswith(name) else f"{name}: {text}"
-
-
-class Service:
-    """Serves one router's devices to any number of VMM connections, and answers control requests.
-
-    ``allow_uid``, when given, is the set of user ids whose connections are
-    accepted (checked with SO_PEERCRED); ``grace`` bounds how long a stop
-    waits for in-flight intercepts. The dispatcher runs a copy of the
-    router whose handlers count their calls per VM and time a sample of
-    them (:mod:`.metrics`); ``info`` is added to the statistics document's
-    ``service`` part.
+    ``make_router`` is called once per VM, on the VM's first connection
+    (:meth:`vm`); ``deadline`` is each VM's handler deadline. The other
+    arguments are :class:`~transports.service.supervisor.Front`'s: ``allow_uid``, when given, is the set of
+    user ids whose connections are accepted (SO_PEERCRED); ``grace`` bounds
+    how long a stop waits for in-flight intercepts; ``limits`` are the
+    connection and VM limits; ``info`` is added to the statistics
+    document's ``service`` part.
     """
 
     def __init__(
         self,
-        router: Router,
+        make_router: Callable[[], Router],
         *,
         deadline: float | None = 5.0,
         allow_uid: frozenset[int] | None = None,
         grace: float = 5.0,
+        limits: Limits | None = None,
         info: dict[str, Any] | None = None,
+        max_regions: int = MAX_REGIONS,
+        max_guest_memory: int = MAX_BYTES,
     ) -> None:
-        self.router = router
-        served, self.handlers = instrument(router)
-        self.dispatcher = Dispatcher(served, deadline=deadline)
-        self.allow_uid = allow_uid
-        self.grace = grace
-        self.info = dict(info or {})
-        self.ports = router.port_ranges()
-        self._announcement = encode_announcement(self.ports)
-        self.latency = LatencySamples()
-        self.connections_total = 0
-        self.connections_refused = 0
-        self.control_total = 0
-        self.stopping = False
-        self.forced = False
-        self._started = time.monotonic()
-        self._live: set[anyio.CancelScope] = set()
-        self._peeking: set[anyio.CancelScope] = set()
-        self._control: set[anyio.CancelScope] = set()
-        self._accepting: anyio.CancelScope | None = None
+        super().__init__(allow_uid=allow_uid, grace=grace, limits=limits, info=info)
+        self.make_router = make_router
+        self.deadline = deadline
+        self.max_regions = max_regions
+        self.max_guest_memory = max_guest_memory
+        self.vms: dict[int, VmDevices] = {}
+        """The VMs served so far, by id."""
+        self.owners: dict[int, int] = {}
+        """The user id each VM is served for (its first connection's)."""
 
-    @property
-    def connections_open(self) -> int:
-        return len(self._live)
+    def vm(self, vm: int) -> VmDevices:
+        """VM ``vm``'s devices and dispatcher, made (the device factories called) on first use."""
+        devices = self.vms.get(vm)
+        if devices is None:
+            devices = self.vms[vm] = VmDevices(
+                vm,
+                self.make_router,
+                deadline=self.deadline,
+                grace=self.grace,
+                max_regions=self.max_regions,
+                max_guest_memory=self.max_guest_memory,
+            )
+            if self.stopping:
+                devices.stop()
+            log.debug("VM %d: devices made; ports claimed: %s", vm, describe_ports(devices.ports) or "none")
+        return devices
+
+    def served_vms(self) -> set[int]:
+        return set(self.vms)
+
+    def vm_owner(self, vm: int) -> int | None:
+        return self.owners.get(vm)
+
+    def vms_owned(self, uid: int) -> int:
+        return sum(1 for owner in self.owners.values() if owner == uid)
+
+    async def release_idle_vm(self, uid: int) -> bool:
+        for vm, owner in self.owners.items():
+            if owner == uid and self.vms[vm].connections_open == 0:
+                log.info("VM %d: its devices go to make room for another VM of uid %d", vm, uid)
+                self.vms.pop(vm).dispatcher.stop()
+                del self.owners[vm]
+                return True
+        return False
+
+    def snapshot(self, vm: int | None = None, *, viewer: int | None = None) -> dict[str, Any]:
+        """The statistics document, built at once (the VMs all run on this event loop)."""
+        service = self.service_part(isolation="none", deadline_seconds=self.deadline)
+        parts = [devices.stats_part() for each, devices in self.vms.items() if self.visible(each, viewer)]
+        return merge_stats(service=service, connections=self.connections_part(), parts=parts, vm=vm)
+
+    async def stats_document(self, vm: int | None = None, *, viewer: int | None = None) -> dict[str, Any]:
+        return self.snapshot(vm, viewer=viewer)
+
+    async def inspect_document(self, vm: int | None = None, *, viewer: int | None = None) -> dict[str, Any]:
+        parts = [(each, devices.devices()) for each, devices in self.vms.items() if self.visible(each, viewer)]
+        return merge_inspect(parts, vm)
 
     def stats_line(self) -> str:
+        """The statistics line SIGUSR1 and ``--stats-interval`` log."""
         connections = (
             f"connections {self.connections_open} open, {self.connections_total} total, "
             f"{self.connections_refused} refused"
         )
-        return format_stats(self.dispatcher.stats, self.latency, extra=connections)
-
-    def stats_document(self, vm: int | None = None) -> dict[str, Any]:
-        """What ``intercept-dispatch stats`` shows (docs/SERVICE.md); only VM ``vm`` in its ``vms`` part if given."""
-        service = {
-            "pid": os.getpid(),
-            "uptime_seconds": round(time.monotonic() - self._started, 3),
-            "deadline_seconds": self.dispatcher.deadline,
-            **self.info,
-        }
-        connections = {
-            "open": self.connections_open,
-            "total": self.connections_total,
-            "refused": self.connections_refused,
-            "control": self.control_total,
-        }
-        return stats_document(
-            service=service,
-            connections=connections,
-            stats=self.dispatcher.stats,
-            latency=self.latency,
-            handlers=self.handlers,
-            vm=vm,
-        )
-
-    def inspect_document(self, vm: int | None = None) -> dict[str, Any]:
-        """What ``intercept-dispatch inspect`` shows: the device objects, their ports, calls and attributes."""
-        return inspect_document(self.handlers, vm)
-
-    def answer(self, request: ControlRequest) -> Reply:
-        """The reply to one control request."""
-        try:
-            if request.kind == Request.STATS:
-                document = self.stats_document(request.vm)
-            elif request.kind == Request.INSPECT:
-                document = self.inspect_document(request.vm)
-            else:
-                known = ", ".join(f"{r.value} ({r.name.lower()})" for r in Request)
-                return Reply(Status.UNKNOWN_REQUEST, f"unknown control request {request.kind}; known: {known}".encode())
-        except UnknownVmError as error:
-            return Reply(Status.NO_SUCH_VM, str(error).encode())
-        return Reply(Status.OK, json.dumps(document, separators=(",", ":")).encode())
+        return format_document(self.snapshot(), extra=connections)
 
     def stop(self) -> None:
-        """Stop accepting, stop reading, finish the intercepts already received, then let :meth:`serve` return.
+        """Stop accepting, stop reading, finish the intercepts already received, then let ``serve`` return.
 
         Each connection still answers the frames that had reached it (see
         :meth:`FdStreamTransport.stop_reading
@@ -172,126 +160,41 @@ class Service:
         busy after ``grace`` seconds are cancelled. Control connections are
         closed at once.
         """
-        self.stopping = True
-        if self._accepting is not None:
-            self._accepting.cancel()
-        for scope in (*self._peeking, *self._control):
-            scope.cancel()
-        self.dispatcher.stop()
-        deadline = anyio.current_time() + self.grace
-        for scope in self._live:
-            scope.deadline = min(scope.deadline, deadline)
+        super().stop()
+        for devices in self.vms.values():
+            devices.stop()
 
-    async def handle(self, transport: FdStreamTransport) -> None:
-        """Serve one connection until it ends: the port announcement, then intercepts or control requests."""
-        # A connection accepted as the service stops is still answered (the
-        # dispatcher stops it reading), within the grace period.
-        scope = anyio.CancelScope(deadline=anyio.current_time() + self.grace if self.stopping else math.inf)
-        self._live.add(scope)
-        control = False
+    async def serve_vm(self, transport: FdStreamTransport, hello: Hello, uid: int) -> None:
         try:
-            with scope:
-                await transport.send_batch(self._announcement)
-                if isinstance(transport, UnixTransport) and await self._opens_with_control(transport):
-                    control = True
-                    self._live.discard(scope)
-                    await self._serve_control(transport)
-                else:
-                    self.connections_total += 1
-                    log.debug("%s: connected", transport.name)
-                    transport.latency = self.latency
-                    await self.dispatcher.serve(with_shared_memory(transport))
-        except TransportError as error:
-            log.debug("%s", _about(transport.name, error))
-        except Exception:
-            # A bug, not a connection problem; it still must not end the service.
-            log.exception("%s: failed", transport.name)
+            try:
+                devices = self.vm(hello.vm)
+                self.owners.setdefault(hello.vm, uid)
+            except (DispatchError, ValueError) as error:
+                reason = f"the devices of VM {hello.vm} could not be made: {error}"
+                log.error("%s: %s", transport.name, reason)
+                await refuse(transport, hello.vm, HelloStatus.NO_WORKER, reason, capabilities=SERVICE_CAPABILITIES)
+                with anyio.CancelScope(shield=True):
+                    await transport.aclose()
+                return
+            await devices.serve(transport)
         finally:
-            self._live.discard(scope)
+            self.connection_closed(uid)
+
+    async def handle_stdio(self, transport: FdStreamTransport) -> None:
+        """Serve the one VMM on ``transport`` (``--stdio``): its HELLO, then its intercepts."""
+        try:
+            opening = await read_opening(transport, self.limits.opening_timeout, capabilities=SERVICE_CAPABILITIES)
+        except OpeningError as error:
+            log.warning("%s: %s", transport.name, error)
             with anyio.CancelScope(shield=True):
                 await transport.aclose()
-        if control:
-            log.debug("%s: control connection closed", transport.name)
-        elif scope.cancelled_caught:
-            log.warning("%s: closed with intercepts unanswered after the %g s grace period", transport.name, self.grace)
-        else:
-            log.debug("%s: closed", transport.name)
-
-    async def _opens_with_control(self, transport: UnixTransport) -> bool:
-        # Peek at the first frame's type without reading it: a VMM connection
-        # then goes to the dispatcher untouched, at no cost per intercept.
-        head = b""
-        with anyio.CancelScope() as peeking:
-            self._peeking.add(peeking)
-            if self.stopping:
-                peeking.cancel()
-            try:
-                while True:
-                    try:
-                        head = transport.socket.recv(4, socket.MSG_PEEK)
-                    except BlockingIOError:
-                        await anyio.wait_readable(transport.socket)
-                        continue
-                    except OSError:
-                        return False  # the dispatcher's own read will meet the same error and say so
-                    if len(head) == 4 or not head:
-                        break
-                    await anyio.sleep(0.01)  # part of a header so far: wait for the rest
-            finally:
-                self._peeking.discard(peeking)
-        return len(head) == 4 and int.from_bytes(head, "little") in CONTROL_TYPES
-
-    async def _serve_control(self, transport: UnixTransport) -> None:
-        self.control_total += 1
-        log.debug("%s: control connection", transport.name)
-        with anyio.CancelScope() as scope:
-            self._control.add(scope)
-            if self.stopping:
-                scope.cancel()
-            try:
-                await serve_control(transport, self.answer)
-            finally:
-                self._control.discard(scope)
-
-    async def serve(
-        self, listener: UnixListener, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Accept connections until :meth:`stop`; return once every connection has finished."""
-        number = 0
-        async with anyio.create_task_group() as connections:
-            try:
-                with anyio.CancelScope() as self._accepting:
-                    task_status.started()
-                    while not self.stopping:
-                        try:
-                            transport = await listener.accept()
-                        except OSError as error:
-                            # EMFILE and the like: the service lives on, and retries shortly.
-                            log.error("accepting a connection failed: %s", error)
-                            await anyio.sleep(0.1)
-                            continue
-                        number += 1
-                        if self._admit(transport, number):
-                            connections.start_soon(self.handle, transport)
-                        else:
-                            await transport.aclose()
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await listener.aclose()
-
-    def _admit(self, transport: UnixTransport, number: int) -> bool:
-        try:
-            peer = transport.peer_credentials()
-        except OSError as error:
-            transport.name = f"connection {number}"
-            log.warning("%s: refused, its peer is unknown (%s)", transport.name, error)
-            return False
-        transport.name = f"connection {number} (pid {peer.pid}, uid {peer.uid})"
-        if self.allow_uid is not None and peer.uid not in self.allow_uid:
-            self.connections_refused += 1
-            log.warning("%s: refused, uid %d is not allowed", transport.name, peer.uid)
-            return False
-        return True
+            return
+        if not isinstance(opening, Hello):  # pipes carry no control requests: read_opening refuses them
+            await transport.aclose()
+            return
+        self.connections_total += 1
+        self._open_by_uid[os.getuid()] += 1
+        await self.serve_vm(transport, opening, os.getuid())
 
     async def watch_signals(
         self, force: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -349,7 +252,15 @@ def _listener(config: ServiceConfig) -> UnixListener:
             return UnixListener.from_fd(inherited[0])
         except (OSError, ValueError) as error:
             raise ServiceStartError(f"cannot serve the socket systemd passed: {error}") from None
-    path = config.socket or default_socket_path()
+    try:
+        path = config.socket or default_socket_path()
+        directory = os.path.dirname(os.path.abspath(path))
+        create = directory == ROOT_SOCKET_DIRECTORY
+        if create or os.path.isdir(directory):  # else the bind below says what is missing
+            # Where another user could remove the socket file, they could put their own in its place.
+            check_bind_directory(path, create=create)
+    except SocketPathError as error:
+        raise ServiceStartError(str(error)) from None
     try:
         return UnixListener.bind(path, mode=config.mode)
     except OSError as error:
@@ -377,22 +288,91 @@ def _version() -> str | None:
         return None
 
 
-async def run(config: ServiceConfig, router: Router) -> int:
-    """Serve ``router`` as ``config`` says until stopped; the process exit status.
+def worker_settings(config: ServiceConfig) -> WorkerSettings:
+    """What each worker process is started with, from the service's settings."""
+    return WorkerSettings(
+        devices=config.devices,
+        device_paths=config.device_paths,
+        deadline=config.deadline,
+        grace=config.grace,
+        log_level=config.log_level,
+        log_rate=config.log_rate,
+        backend=config.backend,
+        limits=config.sandbox_limits().as_json(),
+        max_regions=config.max_regions,
+        max_guest_memory=config.max_guest_memory,
+    )
 
-    Raises :class:`ServiceStartError` when the socket or the metrics
-    endpoint cannot be opened.
+
+def limits(config: ServiceConfig) -> Limits:
+    """The connection and VM limits ``config`` sets."""
+    return Limits(
+        max_connections=config.max_connections,
+        max_connections_per_uid=config.max_connections_per_uid,
+        max_vms=config.max_vms,
+        opening_timeout=config.opening_timeout,
+    )
+
+
+async def run(config: ServiceConfig, loader: DeviceLoader | None = None) -> int:
+    """Serve ``config.devices`` as ``config`` says until stopped; the process exit status.
+
+    In-process (``config.in_process`` or ``config.stdio``) the devices come
+    from ``loader``; otherwise each VM's worker process loads them, and they
+    are loaded once first, in a throwaway worker, to fail at once if they
+    cannot be. Raises :class:`ServiceStartError` when the devices cannot be
+    loaded or the socket or the metrics endpoint cannot be opened.
     """
+    in_process = config.in_process or config.stdio
+    make_router: Callable[[], Router] | None = None
+    if in_process:
+        if loader is None:
+            loader = DeviceLoader(config.devices)
+        spare = [loader.router()]  # made now, to fail at start: it serves the first VM
+        ports = describe_ports(spare[0].port_ranges())
+        factory = loader.router
+
+        def make_router() -> Router:
+            return spare.pop() if spare else factory()
+
+    else:
+        try:
+            check_sandbox(config.sandbox_limits())
+        except SandboxError as error:
+            raise ServiceStartError(str(error)) from None
     listener = None if config.stdio else _listener(config)
+    if not in_process:
+        try:
+            ports = await check_devices(worker_settings(config))
+        except DispatchError as error:
+            assert listener is not None
+            await listener.aclose()
+            raise ServiceStartError(f"cannot load the devices: {error}") from None
     where = "stdin/stdout" if listener is None else (listener.path or "an inherited socket")
     info = {"socket": where, "backend": config.backend, "version": _version()}
-    service = Service(router, deadline=config.deadline, allow_uid=config.allow_uid, grace=config.grace, info=info)
+    service: Service | Supervisor
+    if make_router is not None:
+        service = Service(
+            make_router,
+            deadline=config.deadline,
+            allow_uid=config.allow_uid,
+            grace=config.grace,
+            limits=limits(config),
+            info=info,
+            max_regions=config.max_regions,
+            max_guest_memory=config.max_guest_memory,
+        )
+    else:
+        service = Supervisor(
+            worker_settings(config), allow_uid=config.allow_uid, grace=config.grace, limits=limits(config), info=info
+        )
     metrics = None
     try:
         if config.metrics_port is not None:
             metrics = await _metrics_listener(config.metrics_address, config.metrics_port)
             log.info("metrics at %s", _url(metrics))
-        log.info("serving on %s; ports claimed: %s", where, _describe(service.ports) or "none")
+        mode = "in this process (unisolated)" if in_process else "a worker process per VM"
+        log.info("serving on %s, %s; ports claimed: %s", where, mode, ports or "none")
         async with anyio.create_task_group() as tg:
             await tg.start(service.watch_signals, tg.cancel_scope)
             if config.stats_interval:
@@ -403,7 +383,8 @@ async def run(config: ServiceConfig, router: Router) -> int:
                 tg.start_soon(serve_metrics, metrics, service.stats_document)
                 metrics = None  # serve_metrics closes it
             if listener is None:
-                await service.handle(stdio_transport())
+                assert isinstance(service, Service)
+                await service.handle_stdio(stdio_transport())
             else:
                 systemd.notify("READY=1")  # the socket listens already; connections queue until accepted
                 await service.serve(listener)
@@ -414,47 +395,20 @@ async def run(config: ServiceConfig, router: Router) -> int:
                 await listener.aclose()
             if metrics is not None:
                 await metrics.aclose()
-    log.info("stopped; stats: %s", service.stats_line())
+    if isinstance(service, Service):
+        log.info("stopped; stats: %s", service.stats_line())
+    else:
+        log.info(
+            "stopped; %d connection(s) served, %d refused; %d worker(s) started, %d failed",
+            service.connections_total,
+            service.connections_refused,
+            service.workers_started,
+            service.workers_failed,
+        )
     return 1 if service.forced else 0
 
 
-# Which arguments of a repeated log message tell one kind of failure from another (see
-# configure_logging); messages not listed are one kind per template.
-_KIND_ARGUMENTS: dict[str, tuple[int, ...]] = {
-    # dispatcher.port_io: "handler failed" or "deadline exceeded", the port, the handlers.
-    "%s on port %#x (%s, %d bytes) by %s, partition %d, VP %d": (0, 1, 4),
-    # dispatcher.engine: rejected frames, by the partition (VM) that sent them.
-    "rejected a frame from partition %d, VP %#x: %s": (0,),
-    # transports.shared_memory: rejected region frames, by connection.
-    "%s: rejected a region frame: %s": (0,),
-    "%s: cannot map guest memory: %s": (0,),
-}
-
-
-def failure_kind(record: logging.LogRecord) -> Hashable:
-    """What makes two log records "the same kind of failure" for the rate limit."""
-    picks = _KIND_ARGUMENTS.get(str(record.msg))
-    if picks is None or not isinstance(record.args, tuple):
-        return template_key(record)
-    args = record.args
-    return (record.name, record.levelno, str(record.msg), *(args[i] for i in picks if i < len(args)))
-
-
-def configure_logging(level: str) -> RateLimit:
-    """Log to stderr at ``level``, repeated failures rate-limited; return the limiter (to flush)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    limiter = RateLimit(handler.handle, key=failure_kind)
-    handler.addFilter(limiter)
-    root = logging.getLogger()
-    for previous in [h for h in root.handlers if any(isinstance(f, RateLimit) for f in h.filters)]:
-        root.removeHandler(previous)  # a second main() in one process replaces the first one's handler
-    root.addHandler(handler)
-    root.setLevel(level)
-    return limiter
-
-
-async def _run_logged(config: ServiceConfig, router: Router, limiter: RateLimit) -> int:
+async def _run_logged(config: ServiceConfig, loader: DeviceLoader | None, limiter: RateLimit) -> int:
     async def flush_summaries() -> None:
         while True:
             await anyio.sleep(1)
@@ -465,7 +419,7 @@ async def _run_logged(config: ServiceConfig, router: Router, limiter: RateLimit)
         async with anyio.create_task_group() as tg:
             tg.start_soon(flush_summaries)
             try:
-                status = await run(config, router)
+                status = await run(config, loader)
             except ServiceStartError as error:
                 # Raised as it is, not inside the exception group the task group would make of it.
                 failure, status = error, EXIT_FAILED
@@ -477,19 +431,20 @@ async def _run_logged(config: ServiceConfig, router: Router, limiter: RateLimit)
     return status
 
 
-def _run(config: ServiceConfig, router: Router, limiter: RateLimit) -> int:
+def _run(config: ServiceConfig, loader: DeviceLoader | None, limiter: RateLimit) -> int:
     if config.backend == "uvloop":
-        return anyio.run(_run_logged, config, router, limiter, backend="asyncio", backend_options={"use_uvloop": True})
-    return anyio.run(_run_logged, config, router, limiter, backend=config.backend)
+        return anyio.run(_run_logged, config, loader, limiter, backend="asyncio", backend_options={"use_uvloop": True})
+    return anyio.run(_run_logged, config, loader, limiter, backend=config.backend)
 
 
-def main(argv: Sequence[str] | None = None, *, default_devices: Callable[[], Router] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, default_devices: Sequence[str] = ()) -> int:
     """The ``serve`` command; returns the exit status (listed in ``--help``).
 
-    ``default_devices`` makes the router served when neither ``--device``
-    nor the config file names a device; without it, one of them must.
+    ``default_devices`` are the device specs (``module:factory``) served
+    when neither ``--device`` nor the config file names a device; without
+    them, one of those must.
     """
-    parser = argument_parser(has_default_devices=default_devices is not None)
+    parser = argument_parser(has_default_devices=bool(default_devices))
     args = parser.parse_args(argv)
     try:
         config = config_from_arguments(args)
@@ -498,24 +453,24 @@ def main(argv: Sequence[str] | None = None, *, default_devices: Callable[[], Rou
             check_metrics()
     except (ConfigError, BackendUnavailableError, MetricsUnavailableError) as error:
         parser.error(str(error))
-    make_router: Callable[[], Router]
-    if config.devices:
-        make_router = functools.partial(load_devices, config.devices)
-    elif default_devices is not None:
-        make_router = default_devices
-    else:
-        return parser.fail("no devices to serve; name them with --device MODULE:ATTR", EXIT_USAGE)
-    limiter = configure_logging(config.log_level)
-    # --device names modules the way `python -m` would find them: from the working directory too.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    if not config.devices:
+        if not default_devices:
+            return parser.fail("no devices to serve; name them with --device MODULE:ATTR", EXIT_USAGE)
+        config = replace(config, devices=tuple(default_devices))
+    limiter = configure_logging(config.log_level, rate=config.log_rate)
+    loader = None
+    if config.in_process or config.stdio:
+        # Device code comes from installed packages and --device-path only, never the working directory.
+        add_device_paths(config.device_paths)
+        try:
+            loader = DeviceLoader(config.devices)
+        except (DispatchError, ValueError, ImportError) as error:
+            return parser.fail(f"cannot load the devices: {error}", EXIT_FAILED)
     try:
-        router = make_router()
-    except (DispatchError, ValueError, ImportError) as error:
-        return parser.fail(f"cannot load the devices: {error}", EXIT_FAILED)
-    try:
-        return _run(config, router, limiter)
+        return _run(config, loader, limiter)
     except ServiceStartError as error:
         return parser.fail(str(error), EXIT_FAILED)
-    except (DispatchError, OSError) as error:
+    except (DispatchError, ValueError) as error:
+        return parser.fail(f"cannot load the devices: {error}", EXIT_FAILED)
+    except OSError as error:
         return parser.fail(f"stopped: {error}", EXIT_FAILED)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from dispatcher import EngineStats
 
 from ..latency import LatencySamples
 
-__all__ = ["format_stats"]
+__all__ = ["format_document", "format_stats"]
 
 
 def format_stats(stats: EngineStats, latency: LatencySamples, *, extra: str = "", top: int = 8) -> str:
@@ -27,4 +29,26 @@ def format_stats(stats: EngineStats, latency: LatencySamples, *, extra: str = ""
     busiest = stats.per_port.most_common(top)
     if busiest:
         parts.append("ports " + " ".join(f"{port:#x}:{count}" for port, count in busiest))
+    return "; ".join(parts)
+
+
+def format_document(document: dict[str, Any], *, extra: str = "", top: int = 8) -> str:
+    """The same line from a statistics document (``report.merge_stats``): what a supervisor of workers logs."""
+    counts = document["intercepts"]
+    errors = counts["protocol_errors"] + counts["handler_failed"] + counts["deadline_exceeded"]
+    parts = [
+        f"{counts['received']} intercepts, {counts['completed']} completed",
+        f"{errors} errors ({counts['protocol_errors']} protocol, {counts['handler_failed']} handler, "
+        f"{counts['deadline_exceeded']} deadline), {counts['unsupported']} unsupported",
+        f"unclaimed {counts['unclaimed_reads']} reads, {counts['unclaimed_writes']} writes",
+    ]
+    if extra:
+        parts.append(extra)
+    trip = document["round_trip"]
+    if "p50_seconds" in trip:
+        p50, p90, p99 = (f"{trip[f'p{p}_seconds'] * 1e6:.0f}" for p in (50, 90, 99))
+        parts.append(f"latency p50 {p50} us, p90 {p90} us, p99 {p99} us ({trip['samples']} samples)")
+    busiest = sorted(document["ports"].items(), key=lambda item: -item[1])[:top]
+    if busiest:
+        parts.append("ports " + " ".join(f"{port}:{count}" for port, count in busiest))
     return "; ".join(parts)

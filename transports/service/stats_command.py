@@ -25,8 +25,7 @@ import anyio
 
 from dispatcher import DispatchError
 
-from ..unix import default_socket_path
-from .command_line import USAGE, CommandParser, describe_unreachable, seconds
+from .command_line import SOCKET_HELP, USAGE, CommandParser, describe_unreachable, seconds, socket_path
 from .control import ControlError, Request, control_request
 
 __all__ = ["ANSWERED", "EXIT_STATUSES", "INTERRUPTED", "REFUSED", "UNREACHABLE", "ask", "format_stats_text", "main"]
@@ -34,7 +33,7 @@ __all__ = ["ANSWERED", "EXIT_STATUSES", "INTERRUPTED", "REFUSED", "UNREACHABLE",
 ANSWERED, REFUSED, UNREACHABLE, INTERRUPTED = 0, 1, 3, 130
 EXIT_STATUSES = {
     ANSWERED: "the service answered (printed)",
-    REFUSED: "the service refused the request, e.g. no intercept from that VM yet (the line printed says why)",
+    REFUSED: "the service refused the request, e.g. it serves no such VM (the line printed says why)",
     USAGE: "usage error (the line printed says what was wrong)",
     UNREACHABLE: "no service answered at the socket, or it broke off",
     INTERRUPTED: "interrupted (Ctrl-C)",
@@ -54,9 +53,7 @@ def _vm(text: str) -> int:
 
 def add_common_options(parser: CommandParser) -> None:
     """``--socket``, ``--vm``, ``--json`` and ``--timeout``: what ``stats`` and ``inspect`` share."""
-    parser.add_argument(
-        "--socket", metavar="PATH", default=None, help=f"the service's socket (default {default_socket_path()})"
-    )
+    parser.add_argument("--socket", metavar="PATH", default=None, help=SOCKET_HELP)
     parser.add_argument(
         "--vm",
         metavar="ID",
@@ -76,9 +73,7 @@ def add_common_options(parser: CommandParser) -> None:
 
 def ask(parser: CommandParser, args: argparse.Namespace, kind: Request, show: Callable[[Any], str]) -> int:
     """Send the request, print the answer (``show`` formats it, unless ``--json``); the exit status."""
-    path = default_socket_path() if args.socket is None else args.socket
-    if not path:
-        parser.error("argument --socket: the path is empty")
+    path = socket_path(parser, args.socket)
     try:
         document = anyio.run(_ask, path, kind, args.vm, args.timeout)
     except KeyboardInterrupt:
@@ -168,6 +163,16 @@ def format_stats_text(document: dict[str, Any]) -> str:
         f"connections {connections['open']} open, {connections['total']} total, {connections['refused']} refused; "
         f"{connections['control']} from tools (stats, inspect)",
     ]
+    workers = document.get("workers")
+    if workers is not None:
+        silent = workers.get("unanswered_vms") or []
+        lines.append(
+            f"workers {workers['running']} running (one per VM), {workers['started']} started, "
+            f"{workers['failed']} ended unbidden ({workers['hung']} after a hung handler)"
+            + (f"; no answer from VM {', '.join(str(vm) for vm in silent)}" if silent else "")
+        )
+    elif service.get("isolation") == "none":
+        lines.append("every VM in the service's own process (--in-process: unisolated)")
     round_trip = document["round_trip"]
     if round_trip["samples"]:
         lines.append(
