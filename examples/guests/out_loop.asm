@@ -22,23 +22,7 @@ count:
     dd 1000000                  ; N (offset 4)
 
 entry:
-    cli
-    xor ax, ax
-    mov ds, ax
-    mov ss, ax
-    mov sp, 0x7C00
-    lgdt [gdt_desc]
-    mov eax, cr0
-    or eax, 1                   ; PE
-    mov cr0, eax
-    jmp 0x08:protected
-
-bits 32
-protected:
-    mov ax, 0x10
-    mov ds, ax
-    mov es, ax
-    mov ss, ax
+%include "prot32_entry.inc"
     mov ecx, [count]
     xor eax, eax
 .loop:
@@ -51,12 +35,4 @@ protected:
     hlt
     jmp .halt
 
-align 8
-gdt:
-    dq 0                        ; 0x00 null
-    dq 0x00CF9A000000FFFF       ; 0x08 code, 32-bit, base 0, 4 GiB
-    dq 0x00CF92000000FFFF       ; 0x10 data, base 0, 4 GiB
-gdt_end:
-gdt_desc:
-    dw gdt_end - gdt - 1
-    dd gdt
+%include "flat_gdt.inc"
