@@ -14,6 +14,19 @@ from typing import TYPE_CHECKING
 
 from .announce import PortRange, decode_announcement, encode_announcement
 from .device_lock import Acquire, LockedSteps
+from .device_state import (
+    StateFields,
+    StatefulDevice,
+    devices_of,
+    dump_state,
+    load_state,
+    owned_by,
+    reset_devices,
+    restore_device,
+    restore_devices,
+    save_device,
+    save_devices,
+)
 from .engine import Engine
 from .errors import (
     AccessRefused,
@@ -26,6 +39,7 @@ from .errors import (
     RoutingError,
     SessionRefusedError,
     ShortFrameError,
+    StateError,
     TransportClosedError,
     TransportError,
     UnknownMessageTypeError,
@@ -118,6 +132,9 @@ __all__ = [
     "SegmentSource",
     "SessionRefusedError",
     "ShortFrameError",
+    "StateError",
+    "StateFields",
+    "StatefulDevice",
     "Status",
     "Step",
     "Translate",
@@ -130,13 +147,22 @@ __all__ = [
     "decode_completion",
     "decode_io_instruction",
     "decode_message",
+    "devices_of",
+    "dump_state",
     "encode_announcement",
     "encode_io_instruction",
     "frame_ids",
     "identity_translation",
+    "load_state",
     "message_type",
     "on_bulk",
     "on_port",
+    "owned_by",
+    "reset_devices",
+    "restore_device",
+    "restore_devices",
+    "save_device",
+    "save_devices",
 ]
 
 

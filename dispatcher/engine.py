@@ -49,6 +49,11 @@ log = logging.getLogger("intercept_dispatch.engine")
 # Indexed by AccessType << 8 | AccessInfo: what the inline path takes, a
 # read or write whose AccessInfo is valid and not a string operation.
 _SIMPLE_ACCESS = tuple(key >> 8 <= 1 and VALID_ACCESS_INFO[key & 0xFF] and not key & 0x08 for key in range(0x10000))
+# The hot path's functions (see Engine.receive) as module globals, which read as fast as locals do and
+# need no copying into locals per call: most calls carry one frame.
+_unpack_lean = INTERCEPT_LEAN.unpack_from
+_pack_body = pack_completion_body
+_new_tuple = tuple.__new__  # skips a NamedTuple's Python-level __new__, a third of its cost
 
 
 class Engine:
@@ -56,8 +61,9 @@ class Engine:
 
     ``deadline`` (seconds, or None) bounds a handler: a synchronous handler
     cannot be interrupted, so one that returns after the deadline has its
-    result discarded; an async one is cancelled by the I/O layer. Either way
-    the VP gets a DEADLINE_EXCEEDED completion.
+    result discarded (in a ``watched`` :meth:`receive` the caller's
+    watchdog does that); an async one is cancelled by the I/O layer. Either
+    way the VP gets a DEADLINE_EXCEEDED completion.
 
     ``guest`` is where string I/O reads and writes (without it a string
     access gets UNSUPPORTED); ``max_elements`` bounds the elements one
@@ -99,17 +105,15 @@ class Engine:
         self._string_io = StringIo(
             router, self.stats, self._port_io, guest=guest, max_elements=max_elements, deadline=deadline, clock=clock
         )
+        # For watched calls (see receive): the same string I/O, its handlers not timed.
+        self._string_io_watched = StringIo(
+            router, self.stats, self._port_io, guest=guest, max_elements=max_elements, deadline=None, clock=clock
+        )
         self._waiting: dict[int, deque[bytes]] = {}
-        # The hot path's locals (see receive). The router's tables and the
-        # statistics' counts are changed in place, never replaced. No bound
+        # The hot path's locals (see receive): the router's tables and the
+        # statistics' counts, changed in place, never replaced. No bound
         # method in it: the engine would then hold itself in a cycle.
-        # tuple.__new__ skips the NamedTuple's Python-level __new__, a third of its cost.
-        self._locals = (
-            Engine._process, router.read_table, router.write_table, self.stats.port_counts, self._waiting, clock,
-            INTERCEPT_LEAN.unpack_from, pack_completion_body, PortAccess, tuple.__new__, IP_MASK_BY_MODE,
-            IO_PORT_INTERCEPT, IO_PORT_PAYLOAD_SIZE, INTERCEPT_SIZE, SLOT_SIZE,
-            _SIMPLE_ACCESS, MASK, KEEP, RIP_ONLY, RIP_RAX, PROTOCOL_VERSION,
-        )  # fmt: skip
+        self._locals = (router.read_table, router.write_table, self.stats.port_counts, self._waiting, clock)
         self.queued = 0
         """Frames waiting behind a VP's outstanding job, over all VPs."""
 
@@ -118,38 +122,44 @@ class Engine:
         """True while some VP has a job outstanding."""
         return bool(self._waiting)
 
-    def receive(self, frames: Iterable[bytes], out: list[bytes] | None = None) -> tuple[list[bytes], list[Job]]:
+    def receive(
+        self, frames: Iterable[bytes], out: list[bytes] | None = None, *, watched: bool = False
+    ) -> tuple[list[bytes], list[Job]]:
         """Take a batch of frames; return completions ready now and jobs to run.
 
         Completions are appended to ``out`` (a new list if None) as each is
         made, so that a watchdog can see those of a batch whose handler hung.
+        ``watched`` says that such a watchdog answers, at the deadline, any
+        synchronous handler of this call that passes it (and the caller
+        drops whatever this call makes after that): the handlers are then
+        not timed here, so a late one is counted once, by the watchdog.
         """
         if out is None:
             out = []
         jobs: list[Job] = []
+        deadline = None if watched else self.deadline
+        timed = deadline is not None
         if not self.inline:
             for frame in frames:
-                job = self._process(frame, out)
+                job = self._process(frame, out, timed=timed)
                 if job is not None:
                     jobs.append(job)
             return out, jobs
         append = out.append
-        # Everything the loop needs as locals, from one tuple made once: with
-        # a batch of one frame, this setup is as dear as the frame itself.
-        (process, read_table, write_table, counts, waiting, clock, unpack, pack, port_access, new_tuple, ip_masks,
-         io_type, min_payload, frame_min, slot, simple_access, mask, keep, rip_only, rip_rax,
-         version) = self._locals  # fmt: skip
-        deadline, only = self.deadline, self.partition
-        last = clock()
+        read_table, write_table, counts, waiting, clock = self._locals
+        only, limit = self.partition, deadline or 0.0
+        # Timed, each handler's run is the time between two clock reads: one after it, one before it
+        # (or after the previous one, whose bookkeeping since is a few microseconds).
+        last = clock() if timed else 0.0
         for frame in frames:
             # The one inline path: a well-formed, non-string access wholly
             # inside one synchronous claim, for a VP with nothing queued. At
             # the first irregularity the frame goes to the general path.
             try:
                 (mtype, b4, _, _, _, partition, vp, length_cr8, access_type, state, cs_attributes, rip, _, port,
-                 access_info, byte_count, _, rax) = unpack(frame)  # fmt: skip
+                 access_info, byte_count, _, rax) = _unpack_lean(frame)  # fmt: skip
             except struct.error:
-                process(self, frame, out)
+                self._process(frame, out, False, timed)
                 continue
             size = access_info & 7
             claim = (write_table if access_type else read_table)[port]
@@ -158,49 +168,53 @@ class Engine:
                 or claim.is_async
                 or claim.last < port + size - 1
                 or size > claim.max_size
-                or b4 != min_payload
-                or mtype != io_type
-                or not frame_min <= len(frame) <= slot
-                or not simple_access[access_type << 8 | access_info]
+                or b4 != IO_PORT_PAYLOAD_SIZE
+                or mtype != IO_PORT_INTERCEPT
+                or not INTERCEPT_SIZE <= len(frame) <= SLOT_SIZE
+                or not _SIMPLE_ACCESS[access_type << 8 | access_info]
                 or byte_count > 16
                 or (waiting and (partition << 32 | vp) in waiting)
                 or (only is not None and partition != only)
             ):
-                job = process(self, frame, out)
+                job = self._process(frame, out, False, timed)
                 if job is not None:
                     jobs.append(job)
-                last = clock()
+                if timed:
+                    last = clock()
                 continue
             counts[port] += 1
             # x86.mode_index, inline: the bits that choose the code size.
-            next_rip = (rip + (length_cr8 & 0xF)) & ip_masks[state & 0x10 | cs_attributes >> 13 & 3]
+            next_rip = (rip + (length_cr8 & 0xF)) & IP_MASK_BY_MODE[state & 0x10 | cs_attributes >> 13 & 3]
             is_write = access_type == 1
-            access = new_tuple(
-                port_access,
-                (port, size, is_write, rax & mask[size] if is_write else 0, port - claim.first, vp, partition),
+            access = _new_tuple(
+                PortAccess,
+                (port, size, is_write, rax & MASK[size] if is_write else 0, port - claim.first, vp, partition),
             )
             try:
                 result = claim.handler(access)
             except Exception as error:
                 intercepted = Intercepted(partition, vp, port, access_info, is_write, rax, next_rip)
                 append(self._port_io.fail(intercepted, Status.HANDLER_FAILED, error, [Step(claim, access, 0)]))
-                last = clock()
+                if timed:
+                    last = clock()
                 continue
-            # One clock read per frame: the time since the previous one is this
-            # handler's run plus a few microseconds of our own bookkeeping.
-            now = clock()
-            elapsed, last = now - last, now
-            if deadline is not None and elapsed > deadline:
-                intercepted = Intercepted(partition, vp, port, access_info, is_write, rax, next_rip)
-                append(self._port_io.fail(intercepted, Status.DEADLINE_EXCEEDED, None, [Step(claim, access, 0)]))
-            elif is_write:
-                append(pack(partition, vp, version, 0, rip_only, next_rip, rax, 0, 0, 0, port, access_info, 0, 0))
+            if timed:
+                now = clock()
+                elapsed, last = now - last, now
+                if elapsed > limit:
+                    intercepted = Intercepted(partition, vp, port, access_info, is_write, rax, next_rip)
+                    append(self._port_io.fail(intercepted, Status.DEADLINE_EXCEEDED, None, [Step(claim, access, 0)]))
+                    continue
+            if is_write:
+                named = RIP_ONLY
             elif type(result) is int:
-                rax = (rax & keep[size]) | (result & mask[size])
-                append(pack(partition, vp, version, 0, rip_rax, next_rip, rax, 0, 0, 0, port, access_info, 0, 0))
+                named, rax = RIP_RAX, (rax & KEEP[size]) | (result & MASK[size])
             else:
                 intercepted = Intercepted(partition, vp, port, access_info, is_write, rax, next_rip)
                 append(self._port_io.complete(intercepted, [Step(claim, access, 0)], [result]))
+                continue
+            append(_pack_body(partition, vp, PROTOCOL_VERSION, 0, named, next_rip, rax, 0, 0, 0, port, access_info,
+                              0, 0))  # fmt: skip
         return out, jobs
 
     def finish(
@@ -256,8 +270,9 @@ class Engine:
         intercepted = Intercepted(partition, vp, port, access_info, is_write, rax, next_rip)
         return self._port_io.fail(intercepted, Status.DEADLINE_EXCEEDED, None, steps)
 
-    def _process(self, frame: bytes, out: list[bytes], queued: bool = False) -> Job | None:
-        # The general path: every check, per-VP order, string I/O, splits and async handlers.
+    def _process(self, frame: bytes, out: list[bytes], queued: bool = False, timed: bool = True) -> Job | None:
+        # The general path: every check, per-VP order, string I/O, splits and async handlers. Not ``timed``:
+        # synchronous handlers are not held to the deadline here (a watched call, see receive).
         only = self.partition
         if only is not None and not queued:
             partition = frame_ids(frame)[0]
@@ -280,16 +295,17 @@ class Engine:
                 return None
         job: Job | None
         if access_info & 0x08:
-            job = self._string_io.start(frame, out, key)
+            job = (self._string_io if timed else self._string_io_watched).start(frame, out, key)
         else:
             job = self._port(partition, vp, length_cr8, access_type, state, cs_attributes, rip, port, access_info, rax,
-                             key, out)  # fmt: skip
+                             key, out, timed)  # fmt: skip
         if job is not None:
             self._waiting.setdefault(key, deque())  # a queued frame keeps the VP's queue behind it
         return job
 
     def _port(self, partition: int, vp: int, length_cr8: int, access_type: int, state: int, cs_attributes: int,
-              rip: int, port: int, access_info: int, rax: int, key: int, out: list[bytes]) -> Job | None:  # fmt: skip
+              rip: int, port: int, access_info: int, rax: int, key: int, out: list[bytes],
+              timed: bool) -> Job | None:  # fmt: skip
         # One IN or OUT: run its synchronous steps now, or make a job of them.
         self.stats.port_counts[port] += 1
         next_rip = next_ip(rip, length_cr8 & 0xF, state, cs_attributes)
@@ -301,14 +317,15 @@ class Engine:
         if any(step.claim is not None and step.claim.is_async for step in steps):
             return Job(key, steps, intercepted)
         results: list[object] = []
-        started = self._clock()
+        deadline = self.deadline if timed else None
+        started = self._clock() if deadline is not None else 0.0
         try:
             for step in steps:
                 results.append(call_step(step))
         except Exception as error:
             out.append(port_io.fail(intercepted, Status.HANDLER_FAILED, error, steps))
             return None
-        if self.deadline is not None and self._clock() - started > self.deadline:
+        if deadline is not None and self._clock() - started > deadline:
             out.append(port_io.fail(intercepted, Status.DEADLINE_EXCEEDED, None, steps))
             return None
         out.append(port_io.complete(intercepted, steps, results))

@@ -13,6 +13,7 @@ __all__ = [
     "RoutingError",
     "SessionRefusedError",
     "ShortFrameError",
+    "StateError",
     "TransportClosedError",
     "TransportError",
     "UnknownMessageTypeError",
@@ -114,3 +115,18 @@ class IncompatibleVersionError(DispatchError):
         super().__init__(message)
         self.ours = ours
         self.theirs = theirs
+
+
+class StateError(DispatchError):
+    """Saved device state that cannot be restored (or a state file that cannot be read).
+
+    ``device`` names the device (its id in a state document, or the file),
+    ``field`` the field of its state (a dotted path, or a line and column of
+    a file) and ``reason`` what is wrong with it. Nothing was changed.
+    """
+
+    def __init__(self, reason: str, *, device: str, field: str) -> None:
+        super().__init__(f"{device}: {field}: {reason}")
+        self.reason = reason
+        self.device = device
+        self.field = field

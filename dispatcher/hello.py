@@ -81,6 +81,8 @@ class Capability(enum.IntFlag):
     NONE = 0
     GUEST_MEMORY = 1
     """HELLO: the VMM may share guest memory regions. HELLO_REPLY: the service accepts them."""
+    LIFECYCLE = 2
+    """HELLO: the VMM may send lifecycle requests. HELLO_REPLY: the service answers them (dispatcher.lifecycle)."""
 
 
 def version_text(major: int, minor: int) -> str:

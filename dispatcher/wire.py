@@ -46,6 +46,9 @@ __all__ = [
     "INTERCEPT_SIZE",
     "IO_PORT_INTERCEPT",
     "IO_PORT_PAYLOAD_SIZE",
+    "LIFECYCLE_HEAD",
+    "LIFECYCLE_REPLY",
+    "LIFECYCLE_REQUEST",
     "MAX_PAYLOAD",
     "PROTOCOL_VERSION",
     "REGION",
@@ -82,6 +85,8 @@ CONTROL_REQUEST: Final = 0x1D00_0004
 CONTROL_REPLY: Final = 0x1D00_0005
 HELLO: Final = 0x1D00_0006
 HELLO_REPLY: Final = 0x1D00_0007
+LIFECYCLE_REQUEST: Final = 0x1D00_0008
+LIFECYCLE_REPLY: Final = 0x1D00_0009
 
 PROTOCOL_VERSION: Final = 1
 UNKNOWN_VP: Final = 0xFFFF_FFFF
@@ -155,6 +160,13 @@ class Offset(enum.IntEnum):
     HELLO_STATUS = 24
     HELLO_REASON_LENGTH = 26
     HELLO_REASON = 28
+    # The lifecycle request and reply (the same fixed part).
+    LIFECYCLE_VERSION = 16
+    LIFECYCLE_VERB = 17  # the request's Verb; the reply's Status
+    LIFECYCLE_FLAGS = 18
+    LIFECYCLE_REQUEST_ID = 20
+    LIFECYCLE_OFFSET = 24
+    LIFECYCLE_DATA = 28
 
 
 # The header: MessageType, four bytes (PayloadSize and MessageFlags in the ABI), the source partition.
@@ -210,6 +222,10 @@ Capabilities."""
 HELLO_REPLY_HEAD: Final = struct.Struct("<I4BQ" "HHI" "BxH")  # fmt: skip
 """HELLO_REPLY's fixed part: header bytes, partition (the VM), Major, Minor, Capabilities, Status,
 reserved, ReasonLength; the reason's UTF-8 bytes follow."""
+
+LIFECYCLE_HEAD: Final = struct.Struct("<I4BQ" "BBBxII")  # fmt: skip
+"""A lifecycle request's or reply's fixed part: header bytes, partition (the VM), Version, Verb (request)
+or Status (reply), Flags, reserved, RequestId, Offset; the document's bytes follow (PayloadSize - 12)."""
 
 # Every AccessInfo byte the codec accepts: a size of 1, 2 or 4 and no REP
 # without StringOp. Bits 5-7 are reserved and therefore ignored.
@@ -426,6 +442,8 @@ _FIXED_PAYLOAD: Final = {
     CONTROL_REPLY: ("a control reply", CONTROL_REPLY_HEAD.size - HEADER_SIZE),
     HELLO: ("a HELLO", HELLO_STRUCT.size - HEADER_SIZE),
     HELLO_REPLY: ("a HELLO_REPLY", HELLO_REPLY_HEAD.size - HEADER_SIZE),
+    LIFECYCLE_REQUEST: ("a lifecycle request", LIFECYCLE_HEAD.size - HEADER_SIZE),
+    LIFECYCLE_REPLY: ("a lifecycle reply", LIFECYCLE_HEAD.size - HEADER_SIZE),
 }
 _INTERCEPT_ONLY: Final = frozenset({IO_PORT_INTERCEPT})
 _COMPLETION_ONLY: Final = frozenset({COMPLETION})

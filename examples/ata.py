@@ -39,16 +39,25 @@ When device 1 is absent and selected, device 0 answers for it: Status,
 Alternate Status and Error read 0, the other registers read what was
 written, and commands other than EXECUTE DEVICE DIAGNOSTIC are ignored (as
 QEMU does). Device 1 without device 0 is not modelled.
+
+Device state (kind ``ata-channel``, version 1): the task file registers,
+Device Control, and per device its status, error, pending interrupt,
+settings (multiple count, write cache, look-ahead, CHS translation) and the
+PIO transfer in progress with its DRQ block. The disk image is not device
+state: it is the disk's media, kept by whoever owns the image, and a restore
+only checks that the attached disk has the number of sectors the state was
+saved with.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from dispatcher import BulkAccess, IrqLine, PortAccess, on_bulk, on_port
+from dispatcher import BulkAccess, IrqLine, PortAccess, StateFields, on_bulk, on_port
 
 __all__ = ["SECTOR_SIZE", "AtaChannel", "AtaDisk"]
 
@@ -173,6 +182,10 @@ class _Drive:
     def __init__(self, disk: AtaDisk, number: int) -> None:
         self.disk = disk
         self.number = number
+        self.power_on()
+
+    def power_on(self) -> None:
+        """ATA/ATAPI-6 power-on: diagnostic code 01h in Error, multiple mode off, default CHS translation."""
         self.status = READY
         self.error = 0x01
         self.interrupt = False
@@ -180,7 +193,65 @@ class _Drive:
         self.multiple = 0
         self.write_cache = True
         self.look_ahead = True
-        self.current = disk.geometry  # CHS translation set by INITIALIZE DEVICE PARAMETERS
+        self.current = self.disk.geometry  # CHS translation set by INITIALIZE DEVICE PARAMETERS
+
+    def save(self) -> dict[str, Any]:
+        """This device's state (see the module's docstring)."""
+        transfer = self.transfer
+        return {
+            "sectors": self.disk.sectors,
+            "status": self.status,
+            "error": self.error,
+            "interrupt": self.interrupt,
+            "multiple": self.multiple,
+            "write_cache": self.write_cache,
+            "look_ahead": self.look_ahead,
+            "current": list(self.current),
+            "transfer": None
+            if transfer is None
+            else {
+                "write": transfer.write,
+                "lba": transfer.lba,
+                "remaining": transfer.remaining,
+                "block": transfer.block,
+                "buffer": transfer.buffer.hex(),
+                "position": transfer.position,
+            },
+        }
+
+    def check(self, f: StateFields) -> Callable[[], None]:
+        """Check a saved device against this one; return what puts it here."""
+        sectors = f.integer("sectors", 0, 1 << 48)
+        if sectors != self.disk.sectors:
+            raise f.error("sectors", f"is {sectors}, but the disk attached has {self.disk.sectors} sectors")
+        status, error = f.integer("status", 0, 0xFF), f.integer("error", 0, 0xFF)
+        interrupt, multiple = f.boolean("interrupt"), f.integer("multiple", 0, MAX_MULTIPLE)
+        if multiple & (multiple - 1):
+            raise f.error("multiple", f"is {multiple}, not 0 or a power of two")
+        write_cache, look_ahead = f.boolean("write_cache"), f.boolean("look_ahead")
+        current = f.ints("current", 1, 65535, max_length=3)
+        if len(current) != 3 or current[1] > 16 or current[2] > 255:
+            raise f.error("current", f"is {current}, not [cylinders, heads 1-16, sectors per track 1-255]")
+        transfer: _Transfer | None = None
+        t = f.optional_section("transfer")
+        if t is not None:
+            block = t.integer("block", 1, MAX_MULTIPLE)
+            remaining = t.integer("remaining", 1, 0x10000)
+            lba = t.integer("lba", 0, sectors - 1)
+            if lba + remaining > sectors:
+                raise t.error("remaining", f"is {remaining}: from LBA {lba} it runs past the disk's {sectors} sectors")
+            # The DRQ block in the buffer is the next min(block, remaining) sectors.
+            buffer = t.data("buffer", length=min(block, remaining) * SECTOR_SIZE)
+            position = t.integer("position", 0, len(buffer) - 1)
+            transfer = _Transfer(t.boolean("write"), lba, remaining, block, buffer, position)
+
+        def apply() -> None:
+            self.status, self.error, self.interrupt, self.multiple = status, error, interrupt, multiple
+            self.write_cache, self.look_ahead = write_cache, look_ahead
+            self.current = (current[0], current[1], current[2])
+            self.transfer = transfer
+
+        return apply
 
 
 class AtaChannel:
@@ -190,6 +261,12 @@ class AtaChannel:
     ``irq`` (IRQ 14 on the primary channel) from the selected device's
     interrupt pending state while nIEN is clear.
     """
+
+    state_kind = "ata-channel"
+    state_version = 1
+    oldest_state_version = 1
+    _REGISTERS = ("features", "count", "lba_low", "lba_mid", "lba_high", "hob_count", "hob_lba_low", "hob_lba_mid",
+                  "hob_lba_high", "device", "control")  # fmt: skip
 
     def __init__(
         self, disks: AtaDisk | Sequence[AtaDisk | None], *, io_base: int = 0x1F0, irq: IrqLine | None = None
@@ -207,6 +284,40 @@ class AtaChannel:
         self.device = 0
         self.control = 0
         self._signature()
+
+    def reset(self) -> None:
+        """Power-on (hardware) reset, ATA/ATAPI-6: every device to its power-on state, Device Control 00h, the
+        signature in the task file registers, no interrupt pending."""
+        for drive in self.drives:
+            if drive is not None:
+                drive.power_on()
+        self.features = self.hob_count = self.hob_lba_low = self.hob_lba_mid = self.hob_lba_high = 0
+        self.control = 0
+        self._signature()
+        self._update_irq()
+
+    def save(self) -> dict[str, Any]:
+        """The registers and both devices (null for an absent one)."""
+        state: dict[str, Any] = {name: getattr(self, name) for name in self._REGISTERS}
+        state["drives"] = [None if drive is None else drive.save() for drive in self.drives]
+        return state
+
+    def restore(self, state: Mapping[str, Any], version: int) -> None:
+        """Take a state :meth:`save` returned; check every field, and that the same devices are attached, first."""
+        f = StateFields(f"{self.state_kind}@{self.io_base:#x}", state)
+        registers = {name: f.integer(name, 0, 0xFF) for name in self._REGISTERS}
+        appliers = []
+        for index, (saved, drive) in enumerate(zip(f.sections("drives", length=2), self.drives, strict=True)):
+            if (saved is None) != (drive is None):
+                present = "absent" if saved is None else "present"
+                raise f.error(f"drives[{index}]", f"device {index} was {present} when saved, but is not so here")
+            if saved is not None and drive is not None:
+                appliers.append(drive.check(saved))
+        for name, value in registers.items():
+            setattr(self, name, value)
+        for apply in appliers:
+            apply()
+        self._update_irq()
 
     # -- registers -------------------------------------------------------
 

@@ -11,25 +11,47 @@
   the run with status ``(value << 1) | 1``, the exit code QEMU gives, so a
   test guest can never produce status 0 by accident. Default 0x501 with two
   ports; the common alternative is ``io_base=0xF4, size=4``.
+
+Device state (kinds ``debugcon``, ``post-codes`` and ``debug-exit``, version
+1): the console has none (an empty state, so that a VM's document lists
+it); the POST port keeps the codes written; the exit device the value
+written, if any.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from dispatcher import PortAccess, on_port
+from dispatcher import PortAccess, StateFields, on_port, owned_by
 
 __all__ = ["DebugConsole", "DebugExit", "PostCodes"]
 
 PROBE_VALUE = 0xE9
+_CODES_LIMIT = 1 << 20
 
 
 class DebugConsole:
     """A write-only character console on one port; reads answer 0xE9."""
 
+    state_kind = "debugcon"
+    state_version = 1
+    oldest_state_version = 1
+
     def __init__(self, sink: Callable[[bytes], object] = lambda data: None, *, io_base: int = 0x402) -> None:
         self.io_base = io_base
         self.sink = sink
+
+    def reset(self) -> None:
+        """Nothing to reset: the console holds no state."""
+
+    def save(self) -> dict[str, Any]:
+        """An empty state."""
+        return {}
+
+    def restore(self, state: Mapping[str, Any], version: int) -> None:
+        """Check that the state is an object; there is nothing to take."""
+        StateFields(f"{self.state_kind}@{self.io_base:#x}", state)
 
     @on_port(0, max_size=1)
     def port(self, access: PortAccess) -> int | None:
@@ -43,6 +65,10 @@ class DebugConsole:
 class PostCodes:
     """Port 0x80: POST codes as firmware writes them, oldest first."""
 
+    state_kind = "post-codes"
+    state_version = 1
+    oldest_state_version = 1
+
     def __init__(self, *, io_base: int = 0x80, on_code: Callable[[int], object] | None = None) -> None:
         self.io_base = io_base
         self.codes: list[int] = []
@@ -51,6 +77,19 @@ class PostCodes:
     @property
     def last(self) -> int | None:
         return self.codes[-1] if self.codes else None
+
+    def reset(self) -> None:
+        """Power-on: no code written yet, so reads answer 0."""
+        self.codes = []
+
+    def save(self) -> dict[str, Any]:
+        """The codes written, oldest first."""
+        return {"codes": list(self.codes)}
+
+    def restore(self, state: Mapping[str, Any], version: int) -> None:
+        """Take a state :meth:`save` returned."""
+        f = StateFields(f"{self.state_kind}@{self.io_base:#x}", state)
+        self.codes = f.ints("codes", 0, 0xFF, max_length=_CODES_LIMIT)
 
     @on_port(0, max_size=1)
     def port(self, access: PortAccess) -> int | None:
@@ -71,6 +110,10 @@ class DebugExit:
     the whole value; reads return 0, as QEMU's device does.
     """
 
+    state_kind = "debug-exit"
+    state_version = 1
+    oldest_state_version = 1
+
     def __init__(self, *, io_base: int = 0x501, size: int = 2, on_exit: Callable[[int], object] | None = None) -> None:
         if size not in (1, 2, 4):
             raise ValueError(f"size must be 1, 2 or 4 ports, not {size}")
@@ -85,7 +128,21 @@ class DebugExit:
             return self._access(access)
 
         port.__qualname__ = f"{type(self).__qualname__}.port"
-        self.port = on_port(0, size)(port)
+        self.port = on_port(0, size)(owned_by(self)(port))
+
+    def reset(self) -> None:
+        """Power-on: no exit requested."""
+        self.status = self.value = None
+
+    def save(self) -> dict[str, Any]:
+        """The value written, or null."""
+        return {"value": self.value}
+
+    def restore(self, state: Mapping[str, Any], version: int) -> None:
+        """Take a state :meth:`save` returned (``on_exit`` is not called again)."""
+        f = StateFields(f"{self.state_kind}@{self.io_base:#x}", state)
+        value = f.optional_integer("value", 0, (1 << 8 * self.size) - 1)
+        self.value, self.status = value, None if value is None else (value << 1) | 1
 
     def _access(self, access: PortAccess) -> int | None:
         if access.is_write:

@@ -34,14 +34,19 @@ byte.
 Not modelled: scan code translation (command byte bit 6 is kept and read
 back, but :meth:`Ps2Keyboard.send` bytes reach the guest as given) and
 timing (every reply is ready at once).
+
+Device state (kind ``i8042``, version 1): the controller's RAM, output port,
+output buffer and queued replies, the command waiting for its data byte, and
+the keyboard's and mouse's settings and the bytes they have queued.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from dispatcher import IrqLine, PortAccess, on_port
+from dispatcher import IrqLine, PortAccess, StateFields, on_port
 
 __all__ = ["I8042", "Ps2Keyboard", "Ps2Mouse"]
 
@@ -54,6 +59,8 @@ OUT_RESET, OUT_A20, OUT_KBD_OBF, OUT_AUX_OBF = 0x01, 0x02, 0x10, 0x20
 # Device replies
 ACK, RESEND, BAT_OK = 0xFA, 0xFE, 0xAA
 
+_QUEUE_LIMIT = 1 << 16  # bytes a saved device queue may hold
+_FLAG = -1
 # Commands that take one data byte at port 0x60.
 _TAKES_DATA = frozenset(range(0x60, 0x80)) | {0xD1, 0xD2, 0xD3, 0xD4}
 
@@ -74,8 +81,45 @@ class _Ps2Device:
         self._last_sent = ACK
         self._defaults()
 
+    def reset(self) -> None:
+        """Power-on: defaults restored, nothing queued, reporting as the device powers up."""
+        self.output.clear()
+        self.reporting = self.REPORTING_AT_POWER_ON
+        self._awaiting = None
+        self._last_sent = ACK
+        self._defaults()
+
     def _defaults(self) -> None:
         pass
+
+    # Settings saved with the state, and their largest value (_FLAG: true or false).
+    _SETTINGS: tuple[tuple[str, int], ...] = ()
+
+    def save(self) -> dict[str, Any]:
+        """Queued bytes, reporting, the command awaiting a parameter and the settings."""
+        state: dict[str, Any] = {"output": list(self.output), "reporting": self.reporting,
+                                 "awaiting": self._awaiting, "last_sent": self._last_sent}  # fmt: skip
+        state.update({name: getattr(self, name) for name, _ in self._SETTINGS})
+        return state
+
+    def check(self, f: StateFields) -> Callable[[], None]:
+        """Check a saved device; return what puts it into this one."""
+        output = f.ints("output", 0, 0xFF, max_length=_QUEUE_LIMIT)
+        reporting, last_sent = f.boolean("reporting"), f.integer("last_sent", 0, 0xFF)
+        awaiting = f.optional_integer("awaiting", 0, 0xFF)
+        if awaiting is not None and awaiting not in self.PARAMETER_COMMANDS:
+            raise f.error("awaiting", f"is {awaiting:#04x}, not a command that takes a parameter")
+        settings = {
+            name: f.boolean(name) if high == _FLAG else f.integer(name, 0, high) for name, high in self._SETTINGS
+        }
+
+        def apply() -> None:
+            self.output = deque(output)
+            self.reporting, self._awaiting, self._last_sent = reporting, awaiting, last_sent
+            for name, value in settings.items():
+                setattr(self, name, value)
+
+        return apply
 
     def _reply(self, *data: int) -> None:
         self.output.extend(data)
@@ -113,6 +157,7 @@ class Ps2Keyboard(_Ps2Device):
 
     PARAMETER_COMMANDS = frozenset({0xED, 0xF0, 0xF3})
     REPORTING_AT_POWER_ON = True
+    _SETTINGS = (("leds", 0x07), ("scancode_set", 3), ("typematic", 0x7F))
 
     def _defaults(self) -> None:
         self.leds = 0
@@ -165,6 +210,7 @@ class Ps2Mouse(_Ps2Device):
     """A standard PS/2 mouse (ID 0x00) in stream mode; :meth:`move` queues movement packets."""
 
     PARAMETER_COMMANDS = frozenset({0xE8, 0xF3})
+    _SETTINGS = (("sample_rate", 0xFF), ("resolution", 3), ("scaling_2to1", _FLAG), ("remote", _FLAG), ("buttons", 7))
 
     def _defaults(self) -> None:
         self.sample_rate = 100
@@ -232,6 +278,10 @@ class I8042:
     :attr:`a20` holds the current state for a machine to read.
     """
 
+    state_kind = "i8042"
+    state_version = 1
+    oldest_state_version = 1
+
     def __init__(
         self,
         *,
@@ -255,7 +305,9 @@ class I8042:
         self.reset()
 
     def reset(self) -> None:
-        """Power-on state (QEMU's): both interrupts enabled, A20 on, nothing buffered."""
+        """Power-on state (QEMU's): both interrupts enabled, A20 on, nothing buffered; keyboard and mouse too."""
+        self.keyboard.reset()
+        self.mouse.reset()
         self.ram = bytearray(32)
         self.ram[0] = KBD_INT | AUX_INT
         self.output_port = 0xC0 | 0x0C | OUT_A20 | OUT_RESET
@@ -265,6 +317,61 @@ class I8042:
         self._last_read = 0
         self._pending: int | None = None
         self._update()
+
+    def save(self) -> dict[str, Any]:
+        """The controller, the keyboard and the mouse (see the module's docstring)."""
+        return {
+            "ram": self.ram.hex(),
+            "output_port": self.output_port,
+            "last_write_was_command": self.last_write_was_command,
+            "replies": [[value, aux] for value, aux in self._replies],
+            "buffer": None if self._buffer is None else list(self._buffer),
+            "last_read": self._last_read,
+            "pending": self._pending,
+            "keyboard": self.keyboard.save(),
+            "mouse": self.mouse.save(),
+        }
+
+    def restore(self, state: Mapping[str, Any], version: int) -> None:
+        """Take a state :meth:`save` returned; check every field first."""
+        f = StateFields(f"{self.state_kind}@{self.io_base:#x}", state)
+        ram = f.data("ram", length=32)
+        output_port = f.integer("output_port", 0, 0xFF)
+        last_write_was_command = f.boolean("last_write_was_command")
+        replies = [self._byte_and_source(f, f"replies[{i}]", item) for i, item in enumerate(self._list(f, "replies"))]
+        raw_buffer = f.value("buffer")
+        buffer = None if raw_buffer is None else self._byte_and_source(f, "buffer", raw_buffer)
+        last_read = f.integer("last_read", 0, 0xFF)
+        pending = f.optional_integer("pending", 0, 0xFF)
+        if pending is not None and pending not in _TAKES_DATA:
+            raise f.error("pending", f"is {pending:#04x}, not a command that takes a data byte")
+        keyboard, mouse = self.keyboard.check(f.section("keyboard")), self.mouse.check(f.section("mouse"))
+        self.ram, self.output_port, self.last_write_was_command = ram, output_port, last_write_was_command
+        self._replies, self._buffer = deque(replies), buffer
+        self._last_read, self._pending = last_read, pending
+        keyboard()
+        mouse()
+        self._drive()
+
+    @staticmethod
+    def _list(f: StateFields, name: str) -> list[object]:
+        value = f.value(name)
+        if not isinstance(value, list) or len(value) > _QUEUE_LIMIT:
+            raise f.error(name, f"is not a list of at most {_QUEUE_LIMIT} entries")
+        return value
+
+    @staticmethod
+    def _byte_and_source(f: StateFields, name: str, item: object) -> tuple[int, bool]:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], int)
+            or isinstance(item[0], bool)
+            or not 0 <= item[0] <= 0xFF
+            or not isinstance(item[1], bool)
+        ):
+            raise f.error(name, f"is {item!r}, not [a byte, true if from the mouse]")
+        return item[0], item[1]
 
     @property
     def command_byte(self) -> int:
@@ -383,6 +490,9 @@ class I8042:
                 self._buffer = (self.keyboard.output.popleft(), False)
             elif self.mouse.output and not command_byte & AUX_DISABLED:
                 self._buffer = (self.mouse.output.popleft(), True)
+        self._drive()
+
+    def _drive(self) -> None:
         buffer = self._buffer
         self.irq.set(buffer is not None and not buffer[1] and bool(self.ram[0] & KBD_INT))
         self.aux_irq.set(buffer is not None and buffer[1] and bool(self.ram[0] & AUX_INT))

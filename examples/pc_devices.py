@@ -24,6 +24,11 @@ The devices have no threads. A machine loop calls :meth:`PC.poll` to bring
 time-driven interrupts (PIT, RTC, UART) up to date, and may sleep until
 :meth:`PC.next_due`; the CPU side asks ``pc.pic.pending_vector()`` and
 acknowledges with ``pc.pic.acknowledge()``.
+
+Every device implements the device state API (``docs/DEVICE_STATE.md``):
+:meth:`PC.save_state` collects them into one document, :meth:`PC.restore_state`
+puts it back (all devices or none), :meth:`PC.reset` is a power-on reset.
+Guest RAM and the disk image are not device state.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from dispatcher import IrqLine, Router
+from dispatcher import IrqLine, Router, reset_devices, restore_devices, save_devices
 
 from .ata import AtaChannel, AtaDisk
 from .debug import DebugConsole, DebugExit, PostCodes
@@ -100,6 +106,25 @@ class PC:
         """The earliest time (by the devices' clock) at which :meth:`poll` has something to do, or None."""
         due = [t for t in (self.pit.next_due(), self.rtc.next_due(), self.uart.next_due()) if t is not None]
         return min(due) if due else None
+
+    def save_state(self) -> dict[str, Any]:
+        """Every device's state as one document (:func:`dispatcher.save_devices`)."""
+        return save_devices(self.router)
+
+    def restore_state(self, document: object, *, source: str = "state document") -> None:
+        """Restore every device from a :meth:`save_state` document; on error nothing changed.
+
+        ``on_a20`` hears the combined A20 state if it differs from before.
+
+        :raises dispatcher.StateError: naming the device and the field.
+        """
+        restore_devices(self.router, document, source=source)
+        self._a20_changed(self.a20)
+
+    def reset(self) -> None:
+        """Power-on reset of every device (each to its datasheet's state); ``on_a20`` hears A20 change."""
+        reset_devices(self.router)
+        self._a20_changed(self.a20)
 
     def _reset(self, *_: object) -> None:
         self.reset_requests += 1

@@ -34,19 +34,17 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.lowlevel
 
-from dispatcher import Dispatcher, IrqLine
+from dispatcher import Acquire, Dispatcher, IrqLine
 from transports.kvm import KvmTransport, StopReason, Vm
 
 from .ata import AtaDisk
 from .pc_devices import PC, build_pc
 
-__all__ = ["BIOS_TOP", "LOCK_SLICE", "Outcome", "PcConfig", "PcResult", "TimeKeeper", "build_vm", "run_pc"]
+__all__ = ["BIOS_TOP", "Outcome", "PcConfig", "PcResult", "TimeKeeper", "build_vm", "run_pc"]
 
 MiB = 1 << 20
 BIOS_TOP = 1 << 32  # the BIOS ROM ends at 4 GiB; the reset vector is its last 16 bytes
 LOW_BIOS_TOP = 1 * MiB
-LOCK_SLICE = 0.0005
-"""Seconds the event loop's thread blocks on the device lock at a time (the timers): then it lets the loop run."""
 
 
 def _discard(data: bytes) -> None:
@@ -173,8 +171,7 @@ async def _keep_time(keeper: TimeKeeper, interval: float, lock: threading.RLock)
     # The devices have no threads: bring their interrupt lines up to date when they are due. Their handlers run
     # on the vCPU thread meanwhile, so this holds the VM's device lock (taken without blocking the event loop).
     while True:
-        while not lock.acquire(timeout=LOCK_SLICE):
-            await anyio.lowlevel.checkpoint()  # a handler holds it: let the loop run meanwhile
+        await Acquire(lock, anyio.lowlevel.checkpoint)  # while a handler holds it, the loop runs
         try:
             keeper.poll()
             due = keeper.next_due()

@@ -23,6 +23,8 @@ starts the right one.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import anyio
 
 from dispatcher import (
@@ -189,8 +191,19 @@ async def _board(platform: RemotePlatform, transport: KvmTransport, outcome: Out
         await anyio.sleep(min((due & 0x7FFF_FFFF) / 1e6, config.poll_interval))
 
 
-async def run_remote_pc(config: PcConfig, socket: str) -> PcResult:
+async def run_remote_pc(
+    config: PcConfig,
+    socket: str,
+    *,
+    prepare: Callable[[KvmTransport], Awaitable[object]] | None = None,
+    finish: Callable[[KvmTransport], Awaitable[object]] | None = None,
+) -> PcResult:
     """Boot the PC with its devices in the ``serve`` process at ``socket``; as :func:`~examples.pc_kvm.run_pc`.
+
+    ``prepare`` is awaited once the memory is shared, before the vCPU first
+    runs (a restore sets memory, vCPU and devices there); ``finish`` once
+    the vCPU has stopped (not at the timeout), the VM and the session still
+    open (a snapshot is taken there).
 
     Raises :class:`RemotePcError`, before the vCPU starts, when no service
     answers at ``socket`` or the one there has no platform block.
@@ -220,6 +233,8 @@ async def run_remote_pc(config: PcConfig, socket: str) -> PcResult:
         platform.transport = transport
         try:
             await share_memory(transport, connection)
+            if prepare is not None:
+                await prepare(transport)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_receive, connection, platform, transport)
                 board = anyio.CancelScope()
@@ -238,6 +253,8 @@ async def run_remote_pc(config: PcConfig, socket: str) -> PcResult:
                     # The vCPU has stopped: one last look at the exit device and the console.
                     with anyio.move_on_after(5):
                         await _look(platform, outcome, config)
+                    if finish is not None:
+                        await finish(transport)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):

@@ -19,14 +19,22 @@ and a write-one-to-clear mask, so a read-only field stays read-only at any
 access width. Base address registers follow the sizing protocol: software
 writes all ones and reads back the size mask with the type bits (I/O or
 memory, 32- or 64-bit, prefetchable).
+
+Device state (kind ``pci-host``, version 1): CONFIG_ADDRESS, the reset
+control register, and each function's 256 bytes of configuration space by
+bus:device.function. A restore checks that the same functions are present
+and that their read-only bytes (IDs, class, BAR types) are what was saved.
+A subclass with state of its own beyond its configuration space extends
+:meth:`PciFunction.save` and :meth:`PciFunction.check`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from dispatcher import PortAccess, on_port
+from dispatcher import PortAccess, StateFields, on_port
 
 __all__ = ["Bar", "PciFunction", "PciHost", "i440fx_host_bridge"]
 
@@ -95,6 +103,7 @@ class PciFunction:
         status: int = 0,
     ) -> None:
         self.config = bytearray(256)
+        self.power_on = bytearray(256)  # config as the device side set it up: what a reset returns to
         self.wmask = bytearray(256)
         self.w1cmask = bytearray(256)
         self.bars: dict[int, Bar] = {}
@@ -132,6 +141,7 @@ class PciFunction:
             raise ValueError(f"config bytes {offset:#x}+{size} are outside the 256-byte space")
         end = offset + size
         self.config[offset:end] = (value & (1 << 8 * size) - 1).to_bytes(size, "little")
+        self.power_on[offset:end] = self.config[offset:end]
         self.wmask[offset:end] = wmask.to_bytes(size, "little")
         self.w1cmask[offset:end] = w1cmask.to_bytes(size, "little")
 
@@ -173,6 +183,30 @@ class PciFunction:
         value = int.from_bytes(self.config[offset : offset + (8 if bar.wide else 4)], "little")
         return value & ~(0x3 if bar.io else 0xF)
 
+    def reset(self) -> None:
+        """Power-on (RST#): configuration space as the device side set it up, every BAR and the command register
+        as :meth:`set` left them."""
+        self.config[:] = self.power_on
+
+    def save(self) -> dict[str, Any]:
+        """The configuration space, as a hex string."""
+        return {"config": self.config.hex()}
+
+    def check(self, f: StateFields) -> Callable[[], None]:
+        """Check a saved function against this one (read-only bytes must match); return what restores it."""
+        config = f.data("config", length=256)
+        for i in range(256):
+            differs = (config[i] ^ self.config[i]) & ~(self.wmask[i] | self.w1cmask[i]) & 0xFF
+            if differs:
+                raise f.error(
+                    "config", f"byte {i:#04x} is {config[i]:#04x}; its read-only bits are {self.config[i]:#04x} here"
+                )
+
+        def apply() -> None:
+            self.config[:] = config
+
+        return apply
+
     def read(self, offset: int, size: int) -> int:
         """A guest read of ``size`` bytes at ``offset`` (inside one dword)."""
         return int.from_bytes(self.config[offset : offset + size], "little")
@@ -197,6 +231,10 @@ def i440fx_host_bridge() -> PciFunction:
     return PciFunction(0x8086, 0x1237, class_code=0x060000, revision=0x02, command=0x0006, status=0x0280)
 
 
+def _bdf(bus: int, device: int, number: int) -> str:
+    return f"{bus:02x}:{device:02x}.{number}"
+
+
 class PciHost:
     """The configuration mechanism #1 ports and the functions behind them.
 
@@ -204,6 +242,10 @@ class PciHost:
     :func:`i440fx_host_bridge`. ``on_reset(hard)`` is called when the guest
     resets the system through 0xCF9.
     """
+
+    state_kind = "pci-host"
+    state_version = 1
+    oldest_state_version = 1
 
     def __init__(
         self,
@@ -235,7 +277,44 @@ class PciHost:
         first = self.functions.get((bus, device, 0))
         if first is not None and any(k[:2] == (bus, device) and k[2] for k in self.functions):
             first.config[HEADER_TYPE] |= MULTI_FUNCTION
+            first.power_on[HEADER_TYPE] |= MULTI_FUNCTION
         return function
+
+    def reset(self) -> None:
+        """Power-on: CONFIG_ADDRESS 0, the reset control register 00h, every function's power-on config space."""
+        self.address = 0
+        self.reset_control = 0
+        for function in self.functions.values():
+            function.reset()
+
+    def save(self) -> dict[str, Any]:
+        """CONFIG_ADDRESS, the reset control register and every function, by "bus:device.function"."""
+        return {
+            "address": self.address,
+            "reset_control": self.reset_control,
+            "functions": {_bdf(*key): function.save() for key, function in sorted(self.functions.items())},
+        }
+
+    def restore(self, state: Mapping[str, Any], version: int) -> None:
+        """Take a state :meth:`save` returned; check the address, and every function against this host's, first."""
+        f = StateFields(f"{self.state_kind}@{self.io_base:#x}", state)
+        address = f.integer("address", 0, 0xFFFF_FFFF)
+        if address & ~ADDRESS_MASK:
+            raise f.error("address", f"is {address:#x}: bits 30:24 and 1:0 are reserved and read 0")
+        reset_control = f.integer("reset_control", 0, HARD_RESET)
+        if reset_control & ~HARD_RESET:
+            raise f.error("reset_control", f"is {reset_control:#x}: only bit 1 is kept")
+        functions = f.section("functions")
+        here = {_bdf(*key): function for key, function in self.functions.items()}
+        for name in functions.state:
+            if name not in here:
+                raise functions.error(
+                    name, f"was saved, but this host has no function there ({', '.join(sorted(here))})"
+                )
+        appliers = [function.check(functions.section(name)) for name, function in sorted(here.items())]
+        self.address, self.reset_control = address, reset_control
+        for apply in appliers:
+            apply()
 
     def function(self, bus: int, device: int, number: int) -> PciFunction | None:
         return self.functions.get((bus, device, number))

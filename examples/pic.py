@@ -28,13 +28,18 @@ triggered. An edge-triggered request is latched in IRR on the rising edge
 and survives the line falling again (a pulse is one request); a level
 request follows the line. Not modelled: the MCS-80/85 call sequence (the
 ICW1 ADI bit and ICW2's low bits), buffered mode, and bus timing.
+
+Device state (kind ``i8259-pair``, version 1): each chip's registers and
+initialization sequence, its ELCR and the levels of its input pins as the
+chip last saw them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from dispatcher import IrqLine, PortAccess, on_port
+from dispatcher import IrqLine, PortAccess, StateFields, on_port
 
 __all__ = ["I8259", "PicPair"]
 
@@ -86,6 +91,32 @@ class I8259:
         self.special_fully_nested = False
         self.icw4 = 0
 
+    _BYTES = ("elcr", "irr", "imr", "isr", "levels", "edge_armed", "vector_base", "cascade", "icw4")
+    _FLAGS = ("level_triggered", "read_isr", "poll", "special_mask", "needs_icw4", "single", "auto_eoi",
+              "rotate_on_auto_eoi", "special_fully_nested")  # fmt: skip
+
+    def save(self) -> dict[str, Any]:
+        """The chip's registers, mode bits and input levels."""
+        state: dict[str, Any] = {name: getattr(self, name) for name in self._BYTES + self._FLAGS}
+        state["lowest"], state["init_step"] = self.lowest, self.init_step
+        return state
+
+    def check(self, f: StateFields) -> Callable[[], None]:
+        """Check a saved chip; return what puts it into this one."""
+        values: dict[str, object] = {name: f.integer(name, 0, 0xFF) for name in self._BYTES}
+        values.update({name: f.boolean(name) for name in self._FLAGS})
+        values["lowest"] = f.integer("lowest", 0, 7)
+        values["init_step"] = f.choice("init_step", (0, 2, 3, 4))
+        elcr = f.integer("elcr", 0, 0xFF)
+        if elcr & ~self.elcr_mask:
+            raise f.error("elcr", f"is {elcr:#04x}: this chip's ELCR has only bits {self.elcr_mask:#04x}")
+
+        def apply() -> None:
+            for name, value in values.items():
+                setattr(self, name, value)
+
+        return apply
+
     # -- inputs and the priority resolver --------------------------------------------------------
 
     def _level_mask(self) -> int:
@@ -94,6 +125,8 @@ class I8259:
     def set_input(self, pin: int, level: bool) -> None:
         """Drive input IR``pin`` to ``level``."""
         bit = 1 << pin
+        if bool(self.levels & bit) == level:
+            return  # the wire did not change (a restored device driving its line to the saved level)
         if level:
             self.levels |= bit
         else:
@@ -248,6 +281,10 @@ class PicPair:
     master's INT output.
     """
 
+    state_kind = "i8259-pair"
+    state_version = 1
+    oldest_state_version = 1
+
     def __init__(
         self,
         *,
@@ -277,6 +314,32 @@ class PicPair:
                 return elcr(access)
 
             self.elcr_ports = on_port(elcr_base - io_base, 2, max_size=1)(elcr_ports)
+
+    def reset(self) -> None:
+        """Power-on: each chip as ICW1 leaves it, ELCRs 00h (edge), INTR low.
+
+        The 8259A has no reset pin: software must initialize it, and ICW1
+        clears IMR and ISR, sets IR7 lowest priority, special mask mode off and
+        IRR to be read (8259A datasheet, "Initialization Command Words"). The
+        PIIX's ELCR registers reset to 00h. Input pin levels are inputs and stay.
+        """
+        for chip in (self.master, self.slave):
+            chip.elcr = 0
+            chip.reset()
+        self.irq.set(self.master.requested() is not None)
+
+    def save(self) -> dict[str, Any]:
+        """Both chips."""
+        return {"master": self.master.save(), "slave": self.slave.save()}
+
+    def restore(self, state: Mapping[str, Any], version: int) -> None:
+        """Take a state :meth:`save` returned; check both chips first."""
+        f = StateFields(f"{self.state_kind}@{self.io_base:#x}", state)
+        master, slave = self.master.check(f.section("master")), self.slave.check(f.section("slave"))
+        master()
+        slave()
+        # The saved levels include the slave's INT on the master's IR2: drive INTR only.
+        self.irq.set(self.master.requested() is not None)
 
     @on_port(0, 2, max_size=1)
     def master_ports(self, access: PortAccess) -> int | None:

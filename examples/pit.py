@@ -26,15 +26,23 @@ to consecutive ports, as on the ISA bus.
 At power-up the 8254's state is undefined; like QEMU, this model starts
 every counter in mode 3 with a count of 65536, so channels 0 and 1 run at
 18.2 Hz until the firmware programs them.
+
+Device state (kinds ``i8254``, version 1, and ``port61``, version 1): every
+counter's registers, with each moment kept as ticks relative to the tick of
+the save (and how far into that tick the save came), so on restore the
+counters take up where they were, with no tick passing while the state was
+saved. Channel 2's GATE is the PIT's state;
+port 0x61 keeps only its own four bits.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from dispatcher import IrqLine, PortAccess, on_port
+from dispatcher import IrqLine, PortAccess, StateFields, on_port
 
 __all__ = ["PIT_HZ", "Channel", "Pit8254", "SystemControlB"]
 
@@ -81,6 +89,79 @@ class Channel:
         self.write_lsb = 0
         if gate:
             self._load(tick)
+
+    # Moments (ticks) in the state are relative to the tick of the save; a null count flag
+    # waiting for a trigger or a count ("until a load") is saved as null.
+    _NEVER = 1 << 62
+
+    def save(self, now: int) -> dict[str, Any]:
+        """This counter's state, moments relative to tick ``now``."""
+        return {
+            "mode": self.mode,
+            "mode_bits": self.mode_bits,
+            "rw": self.rw,
+            "bcd": self.bcd,
+            "gate": self.gate,
+            "programmed": self.programmed,
+            "count": self.count,
+            "armed": self.armed,
+            "running": self.running,
+            "start": self.start - now,
+            "frozen": self.frozen,
+            "held": self.held,
+            "pending": self.pending,
+            # Where a pending count takes over; meaningless (null) without one.
+            "pending_at": None if self.pending is None else self.pending_at - now,
+            "pending_start": None if self.pending is None else self.pending_start - now,
+            "null_until": None if self.null_until >= self._NEVER else self.null_until - now,
+            "last": self.last - now,
+            "latched": list(self.latched),
+            "status": self.status,
+            "read_msb": self.read_msb,
+            "write_msb": self.write_msb,
+            "write_lsb": self.write_lsb,
+        }
+
+    @classmethod
+    def check(cls, f: StateFields, now: int) -> Callable[[Channel], None]:
+        """Check a saved counter; return what puts it into a channel at tick ``now``."""
+        span = 1 << 60
+        mode_bits = f.integer("mode_bits", 0, 7)
+        mode = f.integer("mode", 0, 5)
+        selected = mode_bits & 3 if mode_bits & 2 else mode_bits
+        if mode != selected:
+            raise f.error("mode", f"is {mode}, but mode_bits {mode_bits:#05b} select mode {selected}")
+        values = {
+            "mode": mode,
+            "mode_bits": mode_bits,
+            "rw": f.integer("rw", LSB, WORD),
+            "bcd": f.boolean("bcd"),
+            "gate": f.boolean("gate"),
+            "programmed": f.integer("programmed", 1, 0x10000),
+            "count": f.integer("count", 1, 0x10000),
+            "armed": f.boolean("armed"),
+            "running": f.boolean("running"),
+            "start": now + f.integer("start", -span, span),
+            "frozen": f.optional_integer("frozen", 0, span),
+            "held": f.integer("held", 0, 0xFFFF),
+            "pending": f.optional_integer("pending", 1, 0x10000),
+            "pending_at": now + (f.optional_integer("pending_at", -span, span) or 0),
+            "pending_start": now + (f.optional_integer("pending_start", -span, span) or 0),
+            "last": now + f.integer("last", -span, 0),
+            "latched": f.ints("latched", 0, 0xFF, max_length=2),
+            "status": f.optional_integer("status", 0, 0xFF),
+            "read_msb": f.boolean("read_msb"),
+            "write_msb": f.boolean("write_msb"),
+            "write_lsb": f.integer("write_lsb", 0, 0xFF),
+        }
+        null_until = f.optional_integer("null_until", -span, span)
+        values["null_until"] = cls._NEVER if null_until is None else now + null_until
+
+        def apply(channel: Channel) -> None:
+            for name, value in values.items():
+                setattr(channel, name, value)
+
+        return apply
 
     # -- the waveform -----------------------------------------------------------------------------
 
@@ -301,6 +382,10 @@ class Channel:
 class Pit8254:
     """Three 8254 counters behind four ports; channel 0's OUT drives ``irq``."""
 
+    state_kind = "i8254"
+    state_version = 1
+    oldest_state_version = 1
+
     def __init__(
         self,
         *,
@@ -311,13 +396,49 @@ class Pit8254:
         self.io_base = io_base
         self.irq = irq if irq is not None else IrqLine(name="PIT")
         self.clock = clock
+        # Added to clock() * PIT_HZ: a restore keeps the saved position within the current tick.
+        self._phase = 0.0
         tick = self.tick()
         self.channels = (Channel(0, tick, True), Channel(1, tick, True), Channel(2, tick, False))
         self.irq.set(self.channels[0].out(tick))
 
+    def reset(self) -> None:
+        """Power-on: every counter in mode 3 with a count of 65536 (the datasheet leaves it undefined; see above).
+
+        Channel 2's GATE is an input and keeps its level.
+        """
+        tick = self.tick()
+        gate2 = self.channels[2].gate
+        self.channels = (Channel(0, tick, True), Channel(1, tick, True), Channel(2, tick, gate2))
+        self.irq.set(self.channels[0].out(tick))
+
+    def save(self) -> dict[str, Any]:
+        """The three counters, moments relative to now (see the module's docstring)."""
+        ticks = self.clock() * PIT_HZ + self._phase
+        now = math.floor(ticks)
+        return {"tick_fraction": ticks - now, "channels": [channel.save(now) for channel in self.channels]}
+
+    def restore(self, state: Mapping[str, Any], version: int) -> None:
+        """Take a state :meth:`save` returned, re-based to now; check every field first."""
+        f = StateFields(f"{self.state_kind}@{self.io_base:#x}", state)
+        fraction = f.number("tick_fraction", 0.0, 1.0)
+        ticks = self.clock() * PIT_HZ
+        now = math.floor(ticks)
+        saved = f.sections("channels", length=3)
+        appliers = []
+        for index, section in enumerate(saved):
+            if section is None:
+                raise f.error(f"channels[{index}]", "is null, not a counter")
+            appliers.append(Channel.check(section, now))
+        self._phase = fraction - (ticks - now)
+        for channel, apply in zip(self.channels, appliers, strict=True):
+            apply(channel)
+        channel0 = self.channels[0]
+        self.irq.set(channel0.out(channel0.last))
+
     def tick(self, now: float | None = None) -> int:
         """The number of input clock periods at ``now`` (default: the clock's time)."""
-        return math.floor((self.clock() if now is None else now) * PIT_HZ)
+        return math.floor((self.clock() if now is None else now) * PIT_HZ + self._phase)
 
     def update(self, now: float | None = None) -> int:
         """Advance every channel to ``now`` and drive IRQ 0; return channel 0's rising edges since the last call."""
@@ -342,8 +463,8 @@ class Pit8254:
         tick = self.channels[0].next_edge()
         if tick is None:
             return None
-        when = tick / PIT_HZ
-        while math.floor(when * PIT_HZ) < tick:  # never wake a rounding error too early
+        when = (tick - self._phase) / PIT_HZ
+        while self.tick(when) < tick:  # never wake a rounding error too early
             when = math.nextafter(when, math.inf)
         return when
 
@@ -402,10 +523,30 @@ class SystemControlB:
     error) read 0.
     """
 
+    state_kind = "port61"
+    state_version = 1
+    oldest_state_version = 1
+
     def __init__(self, pit: Pit8254, *, io_base: int = 0x61) -> None:
         self.io_base = io_base
         self.pit = pit
         self.value = 0
+        self._refresh_epoch = pit.tick()  # the refresh toggle counts PIT ticks from here
+
+    def reset(self) -> None:
+        """Power-on: every bit 0, so channel 2's gate is low and the speaker off."""
+        self.value = 0
+        self.pit.set_gate(2, False)
+
+    def save(self) -> dict[str, Any]:
+        """Bits 0-3 as written and the refresh toggle's phase (channel 2's gate is saved with the PIT)."""
+        return {"value": self.value, "refresh_phase": (self.pit.tick() - self._refresh_epoch) % (2 * _REFRESH_TICKS)}
+
+    def restore(self, state: Mapping[str, Any], version: int) -> None:
+        """Take a state :meth:`save` returned."""
+        f = StateFields(f"{self.state_kind}@{self.io_base:#x}", state)
+        value, phase = f.integer("value", 0, 0x0F), f.integer("refresh_phase", 0, 2 * _REFRESH_TICKS - 1)
+        self.value, self._refresh_epoch = value, self.pit.tick() - phase
 
     @property
     def speaker(self) -> bool:
@@ -419,5 +560,5 @@ class SystemControlB:
             self.value = access.value & 0x0F
             self.pit.set_gate(2, bool(self.value & 1))
             return None
-        refresh = (self.pit.tick() // _REFRESH_TICKS) & 1
+        refresh = ((self.pit.tick() - self._refresh_epoch) // _REFRESH_TICKS) & 1
         return self.value | refresh << 4 | self.pit.out(2) << 5

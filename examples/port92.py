@@ -9,13 +9,17 @@ and 5 one, the others zero), so a read of the reset state returns 0x24.
 
 This model owns no memory or CPU, so it reports both through callbacks; a
 machine reads :attr:`Port92.a20` to decide what addresses above 1 MiB mean.
+
+Device state (kind ``port92``, version 1): the two bits. A restore calls
+neither callback: the machine restoring a VM reads :attr:`Port92.a20`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from dispatcher import PortAccess, on_port
+from dispatcher import PortAccess, StateFields, on_port
 
 __all__ = ["Port92"]
 
@@ -26,6 +30,10 @@ RESERVED_ONES = 0x24
 
 class Port92:
     """The port's two bits, with A20 and reset reported through callbacks."""
+
+    state_kind = "port92"
+    state_version = 1
+    oldest_state_version = 1
 
     def __init__(
         self,
@@ -50,6 +58,14 @@ class Port92:
         if self.bits & A20 and self.on_a20 is not None:
             self.on_a20(False)
         self.bits = 0
+
+    def save(self) -> dict[str, Any]:
+        """ALT_A20 and ALT_RST as written."""
+        return {"bits": self.bits}
+
+    def restore(self, state: Mapping[str, Any], version: int) -> None:
+        """Take a state :meth:`save` returned."""
+        self.bits = StateFields(f"{self.state_kind}@{self.io_base:#x}", state).integer("bits", 0, A20 | RESET)
 
     @on_port(0, max_size=1)
     def port(self, access: PortAccess) -> int | None:

@@ -27,16 +27,23 @@ calls :meth:`~Rtc146818.update` to move IRQ 8 (``irq``, level: high while
 register C's IRQF is set) and sleeps until :meth:`~Rtc146818.next_due`.
 Not modelled: daylight saving (DSE), the square-wave pin, and time bases
 other than 32.768 kHz (divider values 0 and 1 count like 2, as in QEMU).
+
+Device state (kind ``mc146818``, version 1): the CMOS RAM (registers A and
+B and the alarms included), the index and NMI mask, register C's flags, the
+clock's time in seconds at the moment of the save and where the divider
+chain stood within its second. On restore the clock goes on from that time
+and phase: no guest time passes while the state is saved.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from typing import Any
 
-from dispatcher import IrqLine, PortAccess, on_port
+from dispatcher import IrqLine, PortAccess, StateFields, on_port
 
 __all__ = ["Rtc146818", "civil_from_seconds", "seconds_from_civil"]
 
@@ -88,6 +95,10 @@ def civil_from_seconds(seconds: int) -> tuple[int, int, int, int, int, int]:
 class Rtc146818:
     """The clock, its registers A-D, the CMOS RAM and the two ports."""
 
+    state_kind = "mc146818"
+    state_version = 1
+    oldest_state_version = 1
+
     def __init__(
         self,
         *,
@@ -116,6 +127,51 @@ class Rtc146818:
         self._seconds = seconds_from_civil(when.year, when.month, when.day, when.hour, when.minute, when.second)
         self.cmos[REG_A] = 0x26  # 32.768 kHz time base, 1024 Hz periodic rate
         self.cmos[REG_B] = HOUR24  # BCD, 24-hour: what PC firmware sets up
+
+    def reset(self) -> None:
+        """The RESET pin at power-up: PIE, AIE, UIE and SQWE and register C's flags clear, IRQ 8 low.
+
+        The time, the calendar, registers A and D and the RAM are battery-backed and keep their values.
+        """
+        self.update()
+        self.cmos[REG_B] &= ~(PIE | AIE | UIE | SQWE)
+        self.flags = 0
+        self._drive()
+
+    def save(self) -> dict[str, Any]:
+        """The RAM, registers, time and divider phase, relative to now (see the module's docstring)."""
+        now = self.clock()
+        return {
+            "cmos": self.cmos.hex(),
+            "index": self.index,
+            "nmi_masked": self.nmi_masked,
+            "flags": self.flags,
+            "dow_offset": self.dow_offset,
+            "seconds": self._time(now),
+            # How far into its second the divider chain is; a second boundary is where an update ends.
+            "phase": now - self._phase - math.floor(now - self._phase + _EPS),
+            "unflagged": now - self._last,  # how long ago events were last folded into the flags
+        }
+
+    def restore(self, state: Mapping[str, Any], version: int) -> None:
+        """Take a state :meth:`save` returned, re-based to now; check every field first."""
+        f = StateFields(f"{self.state_kind}@{self.io_base:#x}", state)
+        cmos = f.data("cmos", length=128)
+        index, nmi_masked = f.integer("index", 0, 0x7F), f.boolean("nmi_masked")
+        flags = f.integer("flags", 0, IRQF | PF | AF | UF)
+        if flags & 0x0F:
+            raise f.error("flags", f"is {flags:#x}: register C has no bits 0-3")
+        dow_offset = f.integer("dow_offset", 0, 6)
+        seconds = f.integer("seconds", -(1 << 62), 1 << 62)  # the registers can set years past 9999
+        phase = f.number("phase", -_EPS, 1.0)
+        unflagged = f.number("unflagged", 0.0)
+        now = self.clock()
+        self.cmos[:] = cmos
+        self.index, self.nmi_masked, self.flags, self.dow_offset = index, nmi_masked, flags, dow_offset
+        self._seconds, self._base = seconds, now
+        self._phase = now - phase
+        self._last = now - unflagged
+        self._drive()
 
     # -- time keeping -----------------------------------------------------------------------------
 

@@ -39,15 +39,22 @@ loop calls :meth:`poll` (or waits until :meth:`next_due`) to notice it
 without a guest access. With ``out2_gates_irq`` the interrupt reaches
 ``irq`` only while MCR OUT2 is set and loopback is off, as PC boards wire
 it. The object is not thread-safe: call it from the dispatcher's thread.
+
+Device state (kind ``uart16550``, version 1): the registers, the receive
+FIFO, the host bytes still waiting on the line, and the time since the
+receiver's last activity (re-based on restore, so a saved character timeout
+is as near as it was). The divisor latch and SCR keep their values across
+:meth:`~Uart16550.reset`, as the datasheet's reset table says.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
-from dispatcher import IrqLine, PortAccess, on_port
+from dispatcher import IrqLine, PortAccess, StateFields, on_port
 
 __all__ = ["Uart16550"]
 
@@ -72,6 +79,10 @@ XTAL = 1_843_200  # the PC's UART clock, Hz
 
 class Uart16550:
     """The registers of a 16550A UART and what the guest sees through them."""
+
+    state_kind = "uart16550"
+    state_version = 1
+    oldest_state_version = 1
 
     def __init__(
         self,
@@ -108,6 +119,50 @@ class Uart16550:
         self.last_rx = 0
         self.rx.clear()
         self.rx_activity = self.clock()
+        self._update_irq()
+
+    def save(self) -> dict[str, Any]:
+        """The registers, FIFO, waiting host bytes and receiver idle time (see the module's docstring)."""
+        return {
+            "ier": self.ier,
+            "lcr": self.lcr,
+            "mcr": self.mcr,
+            "fcr": self.fcr,
+            "divisor": self.divisor,
+            "scr": self.scr,
+            "lsr_errors": self.lsr_errors,
+            "msr_deltas": self.msr_deltas,
+            "modem_inputs": self.modem_inputs,
+            "thre_pending": self.thre_pending,
+            "last_rx": self.last_rx,
+            "rx": list(self.rx),
+            "line": list(self.line),
+            "rx_idle": self.clock() - self.rx_activity,
+        }
+
+    def restore(self, state: Mapping[str, Any], version: int) -> None:
+        """Take a state :meth:`save` returned; check every field first."""
+        f = StateFields(f"{self.state_kind}@{self.io_base:#x}", state)
+        ier, lcr, mcr = f.integer("ier", 0, 0x0F), f.integer("lcr", 0, 0xFF), f.integer("mcr", 0, 0x1F)
+        fcr = f.integer("fcr", 0, 0xC9)
+        if fcr & ~0xC9 or (fcr and not fcr & FIFO_ENABLE):
+            raise f.error("fcr", f"is {fcr:#x}: bits 1-2 and 4-5 clear themselves, bits 6-7 need FIFO enable")
+        divisor, scr = f.integer("divisor", 0, 0xFFFF), f.integer("scr", 0, 0xFF)
+        lsr_errors = f.integer("lsr_errors", 0, LSR_ERRORS)
+        msr_deltas = f.integer("msr_deltas", 0, 0x0F)
+        modem_inputs = f.integer("modem_inputs", 0, 0xF0)
+        if lsr_errors & ~LSR_ERRORS or modem_inputs & 0x0F:
+            raise f.error("lsr_errors" if lsr_errors & ~LSR_ERRORS else "modem_inputs", "has bits the chip has not")
+        thre_pending, last_rx = f.boolean("thre_pending"), f.integer("last_rx", 0, 0xFF)
+        # An entry is a character and the error bits it arrived with (PE, FE, BI).
+        rx = f.ints("rx", 0, 0x1CFF, max_length=FIFO_SIZE if fcr & FIFO_ENABLE else 1)
+        line = f.ints("line", 0, 0x1CFF, max_length=1 << 24)
+        rx_idle = f.number("rx_idle", 0.0)
+        self.ier, self.lcr, self.mcr, self.fcr, self.divisor, self.scr = ier, lcr, mcr, fcr, divisor, scr
+        self.lsr_errors, self.msr_deltas, self.modem_inputs = lsr_errors, msr_deltas, modem_inputs
+        self.thre_pending, self.last_rx = thre_pending, last_rx
+        self.rx, self.line = deque(rx), deque(line)
+        self.rx_activity = self.clock() - rx_idle
         self._update_irq()
 
     # -- the host side ----------------------------------------------------------------------------

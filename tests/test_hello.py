@@ -433,7 +433,8 @@ async def test_the_client_says_hello_first_and_then_exchanges() -> None:
             assert client.reply is not None and client.reply.capabilities == Capability.GUEST_MEMORY
             completion = await client.exchange(io_intercept(0x80, 1, write=False, vp=2, partition=5))
             assert (completion.source_partition, completion.vp_index) == (5, 2)
-    assert seen == [Hello(vm=5, capabilities=Capability.GUEST_MEMORY)]  # a socket can carry guest memory
+    # A socket can carry guest memory; every client can send lifecycle verbs.
+    assert seen == [Hello(vm=5, capabilities=Capability.GUEST_MEMORY | Capability.LIFECYCLE)]
 
 
 async def test_over_pipes_the_client_offers_no_guest_memory() -> None:
@@ -445,7 +446,7 @@ async def test_over_pipes_the_client_offers_no_guest_memory() -> None:
         with pytest.raises(TransportError, match=r"^pipes did not answer the HELLO within"):
             async with ServiceClient(client_end, vm=1, announce_timeout=0.01):
                 pass
-        assert decode_hello(os.read(to_service, 100)) == Hello(vm=1)
+        assert decode_hello(os.read(to_service, 100)) == Hello(vm=1, capabilities=Capability.LIFECYCLE)
     os.close(to_service)
     os.close(from_service)
 

@@ -313,7 +313,7 @@ async def test_a_hung_handler_is_answered_at_the_deadline_and_ends_its_connectio
             with anyio.fail_after(10):
                 while frames := await vmm.receive_batch():
                     completions += [decode_completion(frame) for frame in frames]
-            # Counted by the watchdog (a handler that returns late is counted again).
+            # Counted by the watchdog (a handler that returns late is not counted again).
             assert dispatcher.stats.deadline_exceeded == 1
             hang.set()
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from service_process import ServiceProcess
 
-from transports.service.poke import COMPLETED, ERROR_REPLY, EXIT_STATUSES, UNREACHABLE, USAGE
+from transports.service.poke import COMPLETED, ERROR_REPLY, EXIT_STATUSES, FILE_ERROR, UNREACHABLE, USAGE
 
 HERE = Path(__file__).parent
 PROG = "intercept-dispatch poke"
@@ -104,6 +104,11 @@ def test_values_at_the_ends_of_the_range_are_written(service: Path, access: str,
         (("inb", "0x510", "5"), "inb takes no VALUE (it reads; got '5')"),
         (("ports", "3"), "ports takes no PORT (got 0x3)"),
         (("--socket=", "inb", "0x510"), "argument --socket: the path is empty"),
+        (("save",), "save needs a FILE, e.g. save vm0.json"),
+        (("--vm", "3", "restore"), "restore needs a FILE, e.g. restore vm3.json"),
+        (("save", "a.json", "b.json"), "save takes one FILE (got also 'b.json')"),
+        (("reset", "0x70"), "reset takes no argument (got '0x70')"),
+        (("release", "now"), "release takes no argument (got 'now')"),
     ],
 )
 def test_usage_errors_are_one_line_naming_the_value(args: tuple[str, ...], line: str) -> None:
@@ -262,3 +267,64 @@ def test_help_lists_the_exit_statuses() -> None:
     block = result.stdout.split("exit status:\n", 1)[1]
     listed = {int(m[1]): " ".join(m[2].split()) for m in re.finditer(r"^  (\d+) +(.+(?:\n {4,}.+)*)", block, re.M)}
     assert listed == EXIT_STATUSES
+
+
+# Lifecycle verbs against the example PC's devices (the command's default set), one VM per test.
+
+
+@pytest.fixture(scope="module")
+def pc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    tmp = tmp_path_factory.mktemp("poke-pc")
+    process = ServiceProcess(tmp, "--deadline", "0", socket=tmp / "s.sock")
+    assert process.socket is not None
+    yield process.socket
+    assert process.stop() == 0, process.log
+
+
+def test_a_vm_outlives_its_connections(pc: Path) -> None:
+    # poke --vm ID outb 0x70 0x34; outb 0x71 0xab, then a later poke --vm ID outb 0x70 0x34; inb 0x71.
+    assert at(pc, "--vm", "21", "outb", "0x70", "0x34").returncode == COMPLETED
+    assert at(pc, "--vm", "21", "outb", "0x71", "0xab").returncode == COMPLETED
+    assert at(pc, "--vm", "21", "outb", "0x70", "0x34").returncode == COMPLETED
+    assert at(pc, "--vm", "21", "inb", "0x71").stdout == "0xab\n"
+    assert at(pc, "--vm", "22", "outb", "0x70", "0x34").returncode == COMPLETED
+    assert at(pc, "--vm", "22", "inb", "0x71").stdout != "0xab\n"  # another VM, other devices
+
+
+def test_save_restore_reset_and_release(pc: Path, tmp_path: Path) -> None:
+    saved = tmp_path / "vm23.json"
+    assert at(pc, "--vm", "23", "outb", "0x3f9", "0x05").returncode == COMPLETED  # COM1's IER
+    result = at(pc, "--vm", "23", "save", str(saved))
+    assert (result.returncode, result.stdout, result.stderr) == (COMPLETED, "", "")
+    assert '"format": "intercept-dispatch device state"' in saved.read_text()
+    assert at(pc, "--vm", "23", "reset").returncode == COMPLETED
+    assert at(pc, "--vm", "23", "inb", "0x3f9").stdout == "0x00\n"  # its power-on value
+    assert at(pc, "--vm", "23", "restore", str(saved)).returncode == COMPLETED
+    assert at(pc, "--vm", "23", "inb", "0x3f9").stdout == "0x05\n"
+    assert at(pc, "--vm", "23", "pause").returncode == COMPLETED
+    assert at(pc, "--vm", "23", "resume").returncode == COMPLETED
+    assert at(pc, "--vm", "23", "release").returncode == COMPLETED
+    assert at(pc, "--vm", "23", "inb", "0x3f9").stdout == "0x00\n"  # a new VM
+
+
+def test_a_bad_state_file_is_one_line_naming_the_device_and_field_and_the_vm_is_untouched(
+    pc: Path, tmp_path: Path
+) -> None:
+    saved = tmp_path / "vm24.json"
+    assert at(pc, "--vm", "24", "outb", "0x3f9", "0x03").returncode == COMPLETED
+    assert at(pc, "--vm", "24", "save", str(saved)).returncode == COMPLETED
+    text = saved.read_text()
+    saved.write_text(text.replace('"kind": "uart16550"', '"kind": "i8042"', 1))
+    result = at(pc, "--vm", "24", "restore", str(saved))
+    assert result.returncode == ERROR_REPLY
+    line = one_line(result)
+    assert line.startswith(f"{PROG}: error: restore {saved}: the service at {pc} refused RESTORE (STATE_ERROR): ")
+    assert "uart16550@0x3f8" in line and "kind" in line
+    assert at(pc, "--vm", "24", "inb", "0x3f9").stdout == "0x03\n"  # untouched
+
+
+def test_a_state_file_that_cannot_be_read(pc: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "none.json"
+    result = at(pc, "restore", str(missing))
+    assert result.returncode == FILE_ERROR
+    assert one_line(result) == f"{PROG}: error: restore {missing}: cannot read it: No such file or directory"

@@ -122,4 +122,4 @@ async def test_a_hung_handler_on_a_vcpu_thread_is_answered_and_its_thread_abando
     [stop] = transport.stops
     assert stop.reason is StopReason.ERROR and "abandoned" in stop.detail
     assert len(hung) == 1 and "VP 0" in hung[0]
-    assert dispatcher.stats.deadline_exceeded >= 1  # the watchdog's answer (the late result may count too)
+    assert dispatcher.stats.deadline_exceeded == 1  # the watchdog's answer; the late result is not counted

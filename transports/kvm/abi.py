@@ -390,3 +390,95 @@ KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: Final = 4
 KVM_SYNC_X86_REGS: Final = 1 << 0
 KVM_SYNC_X86_SREGS: Final = 1 << 1
 KVM_SYNC_X86_EVENTS: Final = 1 << 2
+
+# --- vCPU and VM state for snapshots (transports.kvm.snapshot) ---
+# Structures kept opaque (saved and restored byte for byte) are given by their size alone.
+
+KVM_FPU_SIZE: Final = 416  # sizeof(struct kvm_fpu)
+"""Bytes of ``struct kvm_fpu`` (x87, MXCSR and XMM registers without XSAVE)."""
+KVM_XSAVE_SIZE: Final = 4096  # sizeof(struct kvm_xsave): the legacy area, the XSAVE header and the extended states
+"""Bytes of ``struct kvm_xsave`` (``KVM_GET_XSAVE2`` may need more: ``KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)``)."""
+KVM_XCRS_SIZE: Final = 392  # sizeof(struct kvm_xcrs)
+"""Bytes of ``struct kvm_xcrs`` (XCR0 and friends)."""
+KVM_VCPU_EVENTS_SIZE: Final = 64  # sizeof(struct kvm_vcpu_events)
+"""Bytes of ``struct kvm_vcpu_events`` (pending exception, interrupt, NMI, interrupt shadow, SMM)."""
+KVM_DEBUGREGS_SIZE: Final = 128  # sizeof(struct kvm_debugregs)
+"""Bytes of ``struct kvm_debugregs`` (DR0-3, DR6, DR7)."""
+KVM_LAPIC_SIZE: Final = 1024  # sizeof(struct kvm_lapic_state)
+"""Bytes of ``struct kvm_lapic_state`` (only with an in-kernel irqchip)."""
+
+
+class KvmMsrEntry(ctypes.Structure):
+    """``struct kvm_msr_entry`` (16 bytes)."""
+
+    _fields_ = [("index", ctypes.c_uint32), ("reserved", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+
+
+def kvm_msrs_type(nmsrs: int) -> type[ctypes.Structure]:
+    """A ``struct kvm_msrs`` type with room for ``nmsrs`` entries."""
+
+    class KvmMsrs(ctypes.Structure):
+        _fields_ = [("nmsrs", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("entries", KvmMsrEntry * nmsrs)]
+
+    return KvmMsrs
+
+
+def kvm_msr_list_type(nmsrs: int) -> type[ctypes.Structure]:
+    """A ``struct kvm_msr_list`` type with room for ``nmsrs`` indices."""
+
+    class KvmMsrList(ctypes.Structure):
+        _fields_ = [("nmsrs", ctypes.c_uint32), ("indices", ctypes.c_uint32 * nmsrs)]
+
+    return KvmMsrList
+
+
+class KvmMpState(ctypes.Structure):
+    """``struct kvm_mp_state`` (4 bytes)."""
+
+    _fields_ = [("mp_state", ctypes.c_uint32)]
+
+
+class KvmClockData(ctypes.Structure):
+    """``struct kvm_clock_data`` (48 bytes): the VM's kvmclock."""
+
+    _fields_ = [
+        ("clock", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("pad0", ctypes.c_uint32),
+        ("realtime", ctypes.c_uint64),
+        ("host_tsc", ctypes.c_uint64),
+        ("pad", ctypes.c_uint32 * 4),
+    ]
+
+
+KVM_GET_MSR_INDEX_LIST: Final = _iowr(0x02, 4)  # system ioctl; sizeof(struct kvm_msr_list) without the indices
+KVM_GET_MSRS: Final = _iowr(0x88, 8)  # sizeof(struct kvm_msrs) without the entries
+KVM_SET_MSRS: Final = _iow(0x89, 8)
+KVM_GET_FPU: Final = _ior(0x8C, KVM_FPU_SIZE)
+KVM_SET_FPU: Final = _iow(0x8D, KVM_FPU_SIZE)
+KVM_GET_LAPIC: Final = _ior(0x8E, KVM_LAPIC_SIZE)
+KVM_SET_LAPIC: Final = _iow(0x8F, KVM_LAPIC_SIZE)
+KVM_GET_CPUID2: Final = _iowr(0x91, ctypes.sizeof(KvmCpuid2Header))
+KVM_GET_MP_STATE: Final = _ior(0x98, ctypes.sizeof(KvmMpState))
+KVM_SET_MP_STATE: Final = _iow(0x99, ctypes.sizeof(KvmMpState))
+KVM_GET_VCPU_EVENTS: Final = _ior(0x9F, KVM_VCPU_EVENTS_SIZE)
+KVM_SET_VCPU_EVENTS: Final = _iow(0xA0, KVM_VCPU_EVENTS_SIZE)
+KVM_GET_DEBUGREGS: Final = _ior(0xA1, KVM_DEBUGREGS_SIZE)
+KVM_SET_DEBUGREGS: Final = _iow(0xA2, KVM_DEBUGREGS_SIZE)
+KVM_GET_TSC_KHZ: Final = _io(0xA3)
+KVM_GET_XSAVE: Final = _ior(0xA4, KVM_XSAVE_SIZE)
+KVM_SET_XSAVE: Final = _iow(0xA5, KVM_XSAVE_SIZE)
+KVM_GET_XCRS: Final = _ior(0xA6, KVM_XCRS_SIZE)
+KVM_SET_XCRS: Final = _iow(0xA7, KVM_XCRS_SIZE)
+KVM_GET_XSAVE2: Final = _ior(0xCF, KVM_XSAVE_SIZE)
+KVM_SET_CLOCK: Final = _iow(0x7B, ctypes.sizeof(KvmClockData))
+KVM_GET_CLOCK: Final = _ior(0x7C, ctypes.sizeof(KvmClockData))
+
+KVM_CAP_IRQCHIP: Final = 0
+KVM_CAP_MP_STATE: Final = 14
+KVM_CAP_ADJUST_CLOCK: Final = 39
+KVM_CAP_VCPU_EVENTS: Final = 41
+KVM_CAP_DEBUGREGS: Final = 50
+KVM_CAP_XSAVE: Final = 55
+KVM_CAP_XCRS: Final = 56
+KVM_CAP_XSAVE2: Final = 208

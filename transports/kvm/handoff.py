@@ -25,6 +25,7 @@ __all__ = ["HANDOFF_METHODS", "ThreadToLoop"]
 
 T = TypeVar("T")
 HandoffMethod = Literal["auto", "reader", "anyio"]
+"""How the loop waits for the vCPU threads (see :class:`ThreadToLoop`)."""
 HANDOFF_METHODS: tuple[HandoffMethod, ...] = ("auto", "reader", "anyio")
 # What the loop is doing, as put() needs to know: a non-urgent item wakes a loop that sleeps without a timeout.
 _AWAKE, _A_WHILE, _FOREVER = 0, 1, 2

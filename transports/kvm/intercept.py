@@ -28,6 +28,7 @@ element's frame carries RCX and RSI from before that element.
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -53,6 +54,7 @@ from .vm import KvmError
 
 __all__ = [
     "REFUSED",
+    "SIMPLE_FRAME",
     "Action",
     "FrameBuilder",
     "IoCapture",
@@ -269,6 +271,11 @@ class SimpleTemplate(NamedTuple):
 
 # RFLAGS and RAX are 8 bytes each, spliced between the template's pieces.
 assert Offset.RFLAGS + 8 == Offset.PORT and Offset.RAX + 8 == Offset.INSTRUCTION_BYTES
+SIMPLE_FRAME: Final = struct.Struct(
+    f"<{Offset.RFLAGS}sQ{Offset.RAX - Offset.PORT}sQ{wire.INTERCEPT_SIZE - Offset.INSTRUCTION_BYTES}s"
+)
+"""A non-string intercept from its template: ``SIMPLE_FRAME.pack(head, rflags, middle, rax, tail)``."""
+_pack_simple = SIMPLE_FRAME.pack
 _TEMPLATE_LIMIT = 4096
 # The fields past RAX of a simple intercept: zero, as the seed says.
 _NO_STRING: Final = (0, 0, b"", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
@@ -322,8 +329,7 @@ class FrameBuilder:
             if len(self.templates) >= _TEMPLATE_LIMIT:
                 self.templates.clear()
             self.templates[key] = template
-        frame = (template.head + regs[_RFLAGS].to_bytes(8, "little") + template.middle
-                 + regs[_RAX].to_bytes(8, "little") + template.tail)  # fmt: skip
+        frame = _pack_simple(template.head, regs[_RFLAGS], template.middle, regs[_RAX], template.tail)
         return frame, template
 
     def simple_io(self, capture: IoCapture) -> tuple[bytes, SimpleIo] | None:

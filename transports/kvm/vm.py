@@ -197,6 +197,11 @@ class Vm:
         return self._fd
 
     @property
+    def kvm_fd(self) -> int:
+        """The ``/dev/kvm`` file descriptor this VM was created from (system ioctls: MSR lists, capabilities)."""
+        return self._kvm_fd
+
+    @property
     def closed(self) -> bool:
         """True once ``close`` ran."""
         return self._fd < 0
@@ -422,7 +427,7 @@ class Vcpu:
         with self._runner_lock:
             self._runner = threading.get_ident()
         try:
-            fcntl.ioctl(self._fd, abi.KVM_RUN, 0)
+            fcntl.ioctl(self._fd, abi.KVM_RUN)  # no third argument: an int one costs two failed buffer lookups
         except InterruptedError:
             # A kick (signal and/or immediate_exit) arrived; clear it so the
             # next run() enters the guest again.
@@ -455,7 +460,7 @@ class Vcpu:
         """
         self.kvm_run.immediate_exit = 1
         try:
-            fcntl.ioctl(self._fd, abi.KVM_RUN, 0)
+            fcntl.ioctl(self._fd, abi.KVM_RUN)
         except InterruptedError:
             pass
         finally:

@@ -81,6 +81,7 @@ class ServiceConfig:
     open_files: int | None = DEFAULT_OPEN_FILES
     user: str | None = None
     seccomp: bool = True
+    state_dir: str | None = None
 
     def sandbox_limits(self) -> SandboxLimits:
         """What each worker process's sandbox enforces (:mod:`.sandbox`)."""
@@ -258,6 +259,17 @@ def _directories(value: object) -> tuple[str, ...]:
     return tuple(paths)
 
 
+def _state_directory(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{value!r} is not a directory path")
+    path = os.path.abspath(os.path.expanduser(value))
+    if not os.path.isdir(path):
+        raise ValueError(f"{value} is not a directory (create it first, mode 0700)")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{value}: this user (uid {os.getuid()}) cannot write in it")
+    return path
+
+
 def _flag(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{value!r} is not true or false")
@@ -290,6 +302,7 @@ _CHECKS: dict[str, Callable[[object], object]] = {
     "open_files": _count_from(16),
     "user": _string,
     "seccomp": _flag,
+    "state_dir": _state_directory,
 }
 assert set(_CHECKS) == {f.name for f in fields(ServiceConfig)}
 
@@ -350,6 +363,13 @@ def argument_parser(*, has_default_devices: bool) -> CommandParser:
         type=_option(_directories),
         metavar="DIR",
         help="also look for --device modules in this directory (repeatable); the working directory is never searched",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=_option(_state_directory),
+        metavar="DIR",
+        help="keep each VM's device state here: saved to DIR/vm-<id>.json when the service stops, "
+        "restored when the VM next connects",
     )
     parser.add_argument("--config", metavar="FILE", help="a TOML file of these settings (options given here win)")
     where = parser.add_mutually_exclusive_group()
@@ -526,6 +546,7 @@ def config_from_arguments(args: argparse.Namespace) -> ServiceConfig:
             "open_files",
             "user",
             "seccomp",
+            "state_dir",
         )
         if getattr(args, name) is not None
     }

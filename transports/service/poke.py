@@ -5,6 +5,8 @@
     intercept-dispatch poke outb 0x3FF 0x5A
     intercept-dispatch poke inb 0x3FF          # prints 0x5a
     intercept-dispatch poke ports              # the ports the service claims
+    intercept-dispatch poke --vm 3 save vm3.json
+    intercept-dispatch poke --vm 3 restore vm3.json
 
 It connects as VM ``--vm`` (the partition of its frames), opening with a
 HELLO as every VMM does, and talks only to a service run by this user,
@@ -16,6 +18,7 @@ naming what was wrong; the exit statuses are :data:`EXIT_STATUSES`
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -24,28 +27,42 @@ import anyio
 
 from dispatcher import Completion, DispatchError, PortRange, Status
 from dispatcher.errors import IncompatibleVersionError, SessionRefusedError
+from dispatcher.lifecycle import MAX_DOCUMENT, LifecycleError, Verb
 
 from ..socket_path import ServerIdentityError, allowed_server_uids, check_server
 from ..unix import UnixTransport, connect_unix
 from .client import ServiceClient, io_intercept
 from .command_line import SOCKET_HELP, USAGE, CommandParser, describe_unreachable, seconds, socket_path
 
-__all__ = ["COMPLETED", "ERROR_REPLY", "EXIT_STATUSES", "INTERRUPTED", "REFUSED", "UNREACHABLE", "USAGE", "main"]
+__all__ = [
+    "COMPLETED",
+    "ERROR_REPLY",
+    "EXIT_STATUSES",
+    "FILE_ERROR",
+    "INTERRUPTED",
+    "REFUSED",
+    "UNREACHABLE",
+    "USAGE",
+    "main",
+]
 
 PROG = "intercept-dispatch poke"
-COMPLETED, ERROR_REPLY, UNREACHABLE, REFUSED, INTERRUPTED = 0, 1, 3, 4, 130
+COMPLETED, ERROR_REPLY, UNREACHABLE, REFUSED, FILE_ERROR, INTERRUPTED = 0, 1, 3, 4, 5, 130
 EXIT_STATUSES = {
-    COMPLETED: "the access completed (an IN printed the value read)",
-    ERROR_REPLY: "the service answered with an error status (printed)",
+    COMPLETED: "the access (or the lifecycle verb) completed (an IN printed the value read)",
+    ERROR_REPLY: "the service answered with an error status, or refused the verb (its reason printed)",
     USAGE: "usage error (the line printed says what was wrong)",
     UNREACHABLE: "no service answered at the socket, or it broke off",
     REFUSED: "the service refused this VM (its reason printed) or speaks another session version, "
     "or the socket is served by a user not trusted (see --server-uid)",
+    FILE_ERROR: "the state FILE of save or restore cannot be written or read (the line printed says why)",
     INTERRUPTED: "interrupted (Ctrl-C)",
 }
 """The exit statuses of ``poke`` and what each means."""
 
 _SIZES = {"b": 1, "w": 2, "l": 4}
+_VERBS = {verb.name.lower(): verb for verb in Verb}
+_WITH_FILE = ("save", "restore")
 _WIDTH_NAMES = {1: "one byte", 2: "16 bits", 4: "32 bits"}
 _STATUS_MEANING = {
     Status.HANDLER_FAILED: "the device's handler raised an error (the service's log says which)",
@@ -82,7 +99,9 @@ def _parser() -> CommandParser:
         description="Send one port access to a running service and print what it answers.\n\n"
         "  intercept-dispatch poke outb 0x3FF 0x5A\n"
         "  intercept-dispatch poke inb 0x3FF          # prints 0x5a\n"
-        "  intercept-dispatch poke ports              # the ports the service claims",
+        "  intercept-dispatch poke ports              # the ports the service claims\n"
+        "  intercept-dispatch poke --vm 3 save vm3.json    # the VM's device state\n"
+        "  intercept-dispatch poke --vm 3 restore vm3.json",
         exit_statuses=EXIT_STATUSES,
     )
     parser.add_argument("--socket", metavar="PATH", default=None, help=SOCKET_HELP)
@@ -120,12 +139,14 @@ def _parser() -> CommandParser:
     parser.add_argument(
         "access",
         metavar="ACCESS",
-        choices=["inb", "inw", "inl", "outb", "outw", "outl", "ports"],
+        choices=["inb", "inw", "inl", "outb", "outw", "outl", "ports", *_VERBS],
         help="inb, inw, inl: read 1, 2 or 4 bytes and print them; outb, outw, outl: write VALUE; "
-        "ports: list the ports the service claims",
+        "ports: list the ports the service claims; reset: the VM's devices to their power-on state; "
+        "pause, resume: hold the VM's intercepts back, let them go; save FILE: write the VM's device state "
+        "to FILE ('-': standard output); restore FILE: replace it with FILE's; release: drop the VM's devices",
     )
     parser.add_argument(
-        "port", metavar="PORT", nargs="?", type=_bounded("a port number", 16), help="port number 0..0xFFFF, e.g. 0x3F8"
+        "port", metavar="PORT", nargs="?", help="port number 0..0xFFFF, e.g. 0x3F8 (save and restore: the FILE)"
     )
     parser.add_argument(
         "value", metavar="VALUE", nargs="?", help="the value to write (OUT only): 0..0xFF, 0..0xFFFF or 0..0xFFFFFFFF"
@@ -135,6 +156,20 @@ def _parser() -> CommandParser:
 
 def _check(parser: CommandParser, args: argparse.Namespace) -> None:
     """The rules argparse cannot express: what each ACCESS takes, and the value against the access width."""
+    if args.access in _VERBS:
+        if args.access in _WITH_FILE:
+            if args.port is None:
+                parser.error(f"{args.access} needs a FILE, e.g. {args.access} vm{args.vm}.json")
+            if args.value is not None:
+                parser.error(f"{args.access} takes one FILE (got also {args.value!r})")
+        elif args.port is not None:
+            parser.error(f"{args.access} takes no argument (got {args.port!r})")
+        return
+    if args.port is not None:
+        try:
+            args.port = _bounded("a port number", 16)(args.port)
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"argument PORT: {error}")
     if args.access == "ports":
         if args.port is not None:
             parser.error(f"ports takes no PORT (got {args.port:#x})")
@@ -173,6 +208,15 @@ async def _talk(
     check_server(transport.socket, allowed_server_uids(args.server_uid), path=args.socket)
     async with ServiceClient(transport, vm=args.vm, announce_timeout=args.timeout, name=where) as client:
         if args.access == "ports":
+            return client.ports, None
+        if args.access in _VERBS:
+            with anyio.fail_after(args.timeout):
+                if args.access == "save":
+                    args.saved = await client.save()
+                elif args.access == "restore":
+                    await client.restore(args.document)
+                else:
+                    await client.request(_VERBS[args.access])
             return client.ports, None
         frame = io_intercept(
             args.port,
@@ -227,9 +271,38 @@ def _about(where: str, error: BaseException) -> str:
     return text if text.startswith((where, "the socket ")) else f"{where}: {text}"
 
 
+def _read_document(path: str) -> bytes:
+    """The state document ``restore`` sends: FILE's bytes (``-``: standard input)."""
+    if path == "-":
+        data = sys.stdin.buffer.read(MAX_DOCUMENT + 1)
+    else:
+        with open(path, "rb") as file:
+            data = file.read(MAX_DOCUMENT + 1)
+    if len(data) > MAX_DOCUMENT:
+        raise ValueError(f"it is longer than the {MAX_DOCUMENT} bytes a RESTORE carries")
+    return data
+
+
+def _write_document(path: str, document: dict[str, object]) -> None:
+    text = json.dumps(document, indent=1, sort_keys=True) + "\n"
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(text)
+    os.replace(temporary, path)
+
+
 async def _poke(parser: CommandParser, args: argparse.Namespace) -> int:
     path = args.socket
     where = f"the service at {path}"
+    if args.access == "restore":
+        try:
+            args.document = _read_document(args.port)
+        except (OSError, ValueError) as error:
+            return parser.fail(f"restore {args.port}: cannot read it: {getattr(error, 'strerror', None) or error}",
+                               FILE_ERROR)  # fmt: skip
     try:
         with anyio.fail_after(args.timeout):
             transport = await connect_unix(path, name=where)
@@ -252,8 +325,19 @@ async def _poke(parser: CommandParser, args: argparse.Namespace) -> int:
         return parser.fail(f"{where} did not answer within {args.timeout:g} s", UNREACHABLE)
     if isinstance(failure, SessionRefusedError | IncompatibleVersionError | ServerIdentityError):
         return parser.fail(_about(where, failure), REFUSED)
+    if isinstance(failure, LifecycleError):
+        subject = f"{args.access} {args.port}" if args.access in _WITH_FILE else args.access
+        return parser.fail(f"{subject}: {_about(where, failure)}", ERROR_REPLY)
     if failure is not None:
         return parser.fail(_about(where, failure), UNREACHABLE)
+    if args.access == "save":
+        try:
+            _write_document(args.port, args.saved)
+        except OSError as error:
+            return parser.fail(f"save {args.port}: cannot write it: {error.strerror or error}", FILE_ERROR)
+        return COMPLETED
+    if args.access in _VERBS:
+        return COMPLETED
     if completion is None:
         for r in ports:
             print(f"{r.first:#06x}-{r.last:#06x} {'r' if r.access & 1 else '-'}{'w' if r.access & 2 else '-'}")

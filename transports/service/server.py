@@ -49,8 +49,26 @@ from .ratelimit import RateLimit
 from .report import merge_inspect, merge_stats
 from .sandbox import SandboxError, check_sandbox
 from .stats import format_document
-from .supervisor import Front, Limits, Supervisor, WorkerSettings, check_devices
-from .worker import LOG_FORMAT, SERVICE_CAPABILITIES, VmDevices, configure_logging, describe_ports, failure_kind
+from .supervisor import (
+    Front,
+    Limits,
+    Supervisor,
+    WorkerSettings,
+    check_devices,
+    read_state_file,
+    remove_state_file,
+    state_path,
+    write_state_file,
+)
+from .worker import (
+    LOG_FORMAT,
+    SERVICE_CAPABILITIES,
+    StateFileError,
+    VmDevices,
+    configure_logging,
+    describe_ports,
+    failure_kind,
+)
 
 __all__ = ["LOG_FORMAT", "Service", "ServiceStartError", "configure_logging", "failure_kind", "main", "run"]
 
@@ -84,12 +102,16 @@ class Service(Front):
         info: dict[str, Any] | None = None,
         max_regions: int = MAX_REGIONS,
         max_guest_memory: int = MAX_BYTES,
+        state_dir: str | None = None,
     ) -> None:
         super().__init__(allow_uid=allow_uid, grace=grace, limits=limits, info=info)
         self.make_router = make_router
         self.deadline = deadline
         self.max_regions = max_regions
         self.max_guest_memory = max_guest_memory
+        self.state_dir = state_dir
+        """``serve --state-dir``: each VM's state is saved here by :meth:`save_states` and restored on its first
+        connection (None: not kept)."""
         self.vms: dict[int, VmDevices] = {}
         """The VMs served so far, by id."""
         self.owners: dict[int, int] = {}
@@ -99,7 +121,7 @@ class Service(Front):
         """VM ``vm``'s devices and dispatcher, made (the device factories called) on first use."""
         devices = self.vms.get(vm)
         if devices is None:
-            devices = self.vms[vm] = VmDevices(
+            devices = VmDevices(
                 vm,
                 self.make_router,
                 deadline=self.deadline,
@@ -107,10 +129,58 @@ class Service(Front):
                 max_regions=self.max_regions,
                 max_guest_memory=self.max_guest_memory,
             )
+            self._restore(devices)
+            self.vms[vm] = devices
+            devices.on_release = lambda: self._released(vm)
             if self.stopping:
                 devices.stop()
             log.debug("VM %d: devices made; ports claimed: %s", vm, describe_ports(devices.ports) or "none")
         return devices
+
+    def _restore(self, devices: VmDevices) -> None:
+        if self.state_dir is None:
+            return
+        path = state_path(self.state_dir, devices.vm)
+        try:
+            text = read_state_file(path)
+            if text is None:
+                return
+            devices.lifecycle.restore(text, source=f"state file {path}")
+        except ImportError:
+            raise StateFileError(path, "this service has no device state support") from None
+        except StateFileError as error:
+            failure = error
+        except DispatchError as error:
+            failure = StateFileError(path, error)
+        else:
+            remove_state_file(path)  # restored: a later failure must not bring this old state back
+            log.info("VM %d: devices restored from %s", devices.vm, path)
+            return
+        log.error("VM %d: %s; move the file away to start it from reset", devices.vm, failure)
+        raise failure
+
+    def _released(self, vm: int) -> None:
+        # After a RELEASE: the VM is forgotten, with its saved state; its next connection starts from reset.
+        self.vms.pop(vm, None)
+        self.owners.pop(vm, None)
+        if self.state_dir is not None:
+            remove_state_file(state_path(self.state_dir, vm))
+
+    def save_states(self) -> None:
+        """Write every VM's device state to ``state_dir`` (when the service stops); failures are logged."""
+        if self.state_dir is None:
+            return
+        for vm, devices in sorted(self.vms.items()):
+            path = state_path(self.state_dir, vm)
+            try:
+                write_state_file(path, devices.lifecycle.save())
+            except ImportError:
+                log.error("VM %d: cannot save the device state: this service has no device state support", vm)
+                return
+            except (DispatchError, ValueError, OSError) as error:
+                log.error("VM %d: cannot save its device state to %s: %s", vm, path, error)
+                continue
+            log.info("VM %d: device state saved to %s", vm, path)
 
     def served_vms(self) -> set[int]:
         return set(self.vms)
@@ -170,8 +240,12 @@ class Service(Front):
                 devices = self.vm(hello.vm)
                 self.owners.setdefault(hello.vm, uid)
             except (DispatchError, ValueError) as error:
-                reason = f"the devices of VM {hello.vm} could not be made: {error}"
-                log.error("%s: %s", transport.name, reason)
+                reason = str(error)
+                if not isinstance(error, StateFileError):
+                    reason = f"the devices of VM {hello.vm} could not be made: {reason}"
+                # A state file's problem was logged once already, with what to do about it.
+                level = logging.DEBUG if isinstance(error, StateFileError) else logging.ERROR
+                log.log(level, "%s: %s", transport.name, reason)
                 await refuse(transport, hello.vm, HelloStatus.NO_WORKER, reason, capabilities=SERVICE_CAPABILITIES)
                 with anyio.CancelScope(shield=True):
                     await transport.aclose()
@@ -301,6 +375,7 @@ def worker_settings(config: ServiceConfig) -> WorkerSettings:
         limits=config.sandbox_limits().as_json(),
         max_regions=config.max_regions,
         max_guest_memory=config.max_guest_memory,
+        state_dir=config.state_dir,
     )
 
 
@@ -361,6 +436,7 @@ async def run(config: ServiceConfig, loader: DeviceLoader | None = None) -> int:
             info=info,
             max_regions=config.max_regions,
             max_guest_memory=config.max_guest_memory,
+            state_dir=config.state_dir,
         )
     else:
         service = Supervisor(
@@ -396,6 +472,8 @@ async def run(config: ServiceConfig, loader: DeviceLoader | None = None) -> int:
             if metrics is not None:
                 await metrics.aclose()
     if isinstance(service, Service):
+        if not service.forced:
+            service.save_states()
         log.info("stopped; stats: %s", service.stats_line())
     else:
         log.info(

@@ -52,7 +52,7 @@ from .opening import ControlRequestStart, OpeningError, read_opening, refuse
 from .ratelimit import DEFAULT_LOG_RATE
 from .report import UnknownVmError, merge_inspect, merge_stats
 from .stats import format_document
-from .worker import EXIT_HUNG, EXIT_NO_DEVICES, SERVICE_CAPABILITIES
+from .worker import EXIT_HUNG, EXIT_NO_DEVICES, SERVICE_CAPABILITIES, StateFileError
 from .worker_channel import Channel, ChannelError, channel_pair
 
 __all__ = [
@@ -63,8 +63,12 @@ __all__ = [
     "WorkerSettings",
     "check_devices",
     "exit_cause",
+    "read_state_file",
+    "remove_state_file",
     "serve_control_requests",
+    "state_path",
     "worker_command",
+    "write_state_file",
 ]
 
 log = logging.getLogger("intercept_dispatch.service")
@@ -73,6 +77,65 @@ REPLY_TIMEOUT = 5.0
 """Seconds the supervisor waits for a worker's part of a statistics or inspection document."""
 START_TIMEOUT = 60.0
 """Seconds a new worker has to load its devices and say it is ready."""
+MAX_STATE_FILE = 16 << 20
+"""The longest state file ``serve --state-dir`` reads back: 16 MiB."""
+
+
+def state_path(directory: str, vm: int) -> str:
+    """Where ``serve --state-dir`` keeps VM ``vm``'s device state: ``DIR/vm-<id>.json``."""
+    return os.path.join(directory, f"vm-{vm}.json")
+
+
+def read_state_file(path: str) -> str | None:
+    """The state file's text, None if there is none; :class:`~transports.service.worker.StateFileError` if it
+    cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_STATE_FILE + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise StateFileError(path, f"cannot read it: {error.strerror or error}") from None
+    if len(data) > MAX_STATE_FILE:
+        raise StateFileError(path, f"longer than {MAX_STATE_FILE} bytes")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as error:
+        raise StateFileError(path, f"not UTF-8 text (byte {error.start})") from None
+
+
+def write_state_file(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file beside it, synced, then renamed), mode 0600."""
+    directory = os.path.dirname(path) or "."
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(text.encode())
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    # The rename is durable once the directory is synced.
+    with contextlib.suppress(OSError):
+        directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory_fd)
+        finally:
+            os.close(directory_fd)
+
+
+def remove_state_file(path: str) -> None:
+    """Remove a state file (restored, or its VM released); a missing one is no error, others are logged."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.error("cannot remove the state file %s: %s", path, error.strerror or error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +167,8 @@ class WorkerSettings:
     """The sandbox's limits (``SandboxLimits.as_json()``), applied in the worker; None: no sandbox."""
     max_regions: int = MAX_REGIONS
     max_guest_memory: int = MAX_BYTES
+    state_dir: str | None = None
+    """``serve --state-dir``: where each VM's device state is kept across restarts (None: it is not)."""
 
     def start_message(self, vm: int, *, probe: bool = False) -> dict[str, Any]:
         """The ``start`` message of a worker for VM ``vm`` (``probe``: load the devices, answer, exit)."""
@@ -120,6 +185,7 @@ class WorkerSettings:
             "limits": self.limits,
             "max_regions": self.max_regions,
             "max_guest_memory": self.max_guest_memory,
+            "save_on_stop": self.state_dir is not None and not probe,
         }
 
 
@@ -478,6 +544,8 @@ class WorkerHandle:
         self.replies: dict[int, tuple[anyio.Event, list[dict[str, Any]]]] = {}
         self.stop_sent = False
         self.killed = False
+        self.released = False
+        self.state_failure = False  # its failure is its state file's: the HELLO's refusal says just that
 
 
 class Supervisor(Front):
@@ -582,7 +650,9 @@ class Supervisor(Front):
             for _ in range(2):  # a worker that dies just then is replaced once
                 worker = await self._worker_for(hello.vm, uid)
                 if worker.failure is not None:
-                    reason = f"the worker of VM {hello.vm} could not start: {worker.failure}"
+                    reason = worker.failure
+                    if not worker.state_failure:
+                        reason = f"the worker of VM {hello.vm} could not start: {reason}"
                     break
                 if worker.channel is None:
                     await worker.ended.wait()
@@ -599,7 +669,8 @@ class Supervisor(Front):
                 handed = True
                 break
             if not handed:
-                log.error("%s: %s", transport.name, reason)
+                # A state file's problem was logged once already, with what to do about it.
+                log.log(logging.DEBUG if worker.state_failure else logging.ERROR, "%s: %s", transport.name, reason)
                 await refuse(transport, hello.vm, HelloStatus.NO_WORKER, reason, capabilities=SERVICE_CAPABILITIES)
         finally:
             if not handed:
@@ -636,16 +707,37 @@ class Supervisor(Front):
             worker.pid = worker.process.pid
             self.workers_started += 1
             worker.channel = channel
+            start = self.settings.start_message(worker.vm)
+            saved = self._state_path(worker.vm)
+            if saved is not None:
+                try:
+                    text = read_state_file(saved)
+                except StateFileError as error:
+                    text = None
+                    worker.failure, worker.state_failure = str(error), True
+                    self._kill(worker)
+                if text is not None:
+                    start.update(state=text, state_path=saved)
+            message: dict[str, Any] = {"op": "failed"}
             with anyio.move_on_after(START_TIMEOUT) as starting:
-                await channel.send(self.settings.start_message(worker.vm))
-                message, _ = await channel.receive()
-            if starting.cancelled_caught:
+                if worker.failure is None:
+                    await channel.send(start)
+                    message, _ = await channel.receive()
+            if worker.failure is not None:
+                pass
+            elif starting.cancelled_caught:
                 worker.failure = f"it did not load its devices within {START_TIMEOUT:g} s"
                 self._kill(worker)
             elif message["op"] != "ready":
                 worker.failure = str(message.get("error", message["op"]))
+                worker.state_failure = bool(message.get("state"))
             else:
-                log.info("VM %d: worker started (pid %d)", worker.vm, worker.pid)
+                if message.get("restored") and saved is not None:
+                    # Restored: the file has done its work (a crash later must not bring back this old state).
+                    remove_state_file(saved)
+                    log.info("VM %d: worker started (pid %d), devices restored from %s", worker.vm, worker.pid, saved)
+                else:
+                    log.info("VM %d: worker started (pid %d)", worker.vm, worker.pid)
                 worker.ready.set()
                 await self._listen(worker)
         except ChannelError:
@@ -677,6 +769,30 @@ class Supervisor(Front):
                 if waiting is not None:
                     waiting[1].append(message)
                     waiting[0].set()
+            elif op == "released":
+                # A RELEASE: the worker exits next; the VM's next connection gets a new one, from reset.
+                worker.released = worker.stop_sent = worker.dying = True
+                saved = self._state_path(worker.vm)
+                if saved is not None:
+                    remove_state_file(saved)
+                log.info("VM %d: released; its worker (pid %s) exits", worker.vm, worker.pid)
+            elif op == "state":
+                self._keep_state(worker, message.get("state"))
+
+    def _state_path(self, vm: int) -> str | None:
+        directory = self.settings.state_dir
+        return None if directory is None else state_path(directory, vm)
+
+    def _keep_state(self, worker: WorkerHandle, text: object) -> None:
+        saved = self._state_path(worker.vm)
+        if saved is None or not isinstance(text, str):
+            return
+        try:
+            write_state_file(saved, text)
+        except OSError as error:
+            log.error("VM %d: cannot write its state to %s: %s", worker.vm, saved, error.strerror or error)
+            return
+        log.info("VM %d: device state saved to %s", worker.vm, saved)
 
     async def _ended(self, worker: WorkerHandle) -> None:
         returncode: int | None = None
@@ -689,7 +805,8 @@ class Supervisor(Front):
             await worker.process.aclose()
         cause = exit_cause(returncode)
         if worker.failure is not None and worker.pid is not None:
-            log.error("VM %d: its worker (pid %d) cannot serve: %s", worker.vm, worker.pid, worker.failure)
+            advice = "; move the file away to start it from reset" if worker.state_failure else ""
+            log.error("VM %d: its worker (pid %d) cannot serve: %s%s", worker.vm, worker.pid, worker.failure, advice)
         if worker.stop_sent and (returncode == 0 or worker.killed):
             # Told to stop: an exit is expected, and a kill after the grace period was logged already.
             log.debug("VM %d: its worker (pid %s) %s", worker.vm, worker.pid, cause)

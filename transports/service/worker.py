@@ -29,14 +29,31 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.from_thread
+import anyio.lowlevel
 
-from dispatcher import Dispatcher, DispatchError, PortRange, Router, TransportError, encode_announcement
+from dispatcher import (
+    Acquire,
+    Dispatcher,
+    DispatchError,
+    FrameError,
+    PortRange,
+    Router,
+    Transport,
+    TransportError,
+    encode_announcement,
+)
+from dispatcher.guest import Guest
 from dispatcher.hello import Capability
+from dispatcher.lifecycle import Assembler, LifecycleReply, LifecycleRequest, LifecycleStatus, Verb, encode_reply
+from dispatcher.transport import InlineAnswer
+from dispatcher.wire import LIFECYCLE_REQUEST, Offset, frame_ids, message_type
 
 from ..latency import LatencySamples
 from ..shared_memory import MAX_BYTES, MAX_REGIONS, RegionBudget, with_shared_memory
@@ -54,7 +71,10 @@ __all__ = [
     "EXIT_NO_DEVICES",
     "LOG_FORMAT",
     "SERVICE_CAPABILITIES",
+    "LifecycleTransport",
+    "StateFileError",
     "VmDevices",
+    "VmLifecycle",
     "configure_logging",
     "describe_ports",
     "failure_kind",
@@ -71,8 +91,8 @@ LOCK_RETRY = 0.001
 """Seconds between two tries at a VM's device lock for a statistics or inspection snapshot."""
 CUTOFF_SHARE = 0.8
 """A worker cuts its busy connections off this share of the grace period after being told to stop."""
-SERVICE_CAPABILITIES = Capability.GUEST_MEMORY
-"""What the service accepts, in its HELLO_REPLY: guest memory regions."""
+SERVICE_CAPABILITIES = Capability.GUEST_MEMORY | Capability.LIFECYCLE
+"""What the service accepts, in its HELLO_REPLY: guest memory regions and lifecycle requests."""
 
 
 def describe_ports(ranges: Sequence[PortRange]) -> str:
@@ -92,6 +112,330 @@ def _about(name: str, error: BaseException) -> str:
     # A transport's errors already begin with the connection's name; say it once.
     text = str(error)
     return text if text.startswith(name) else f"{name}: {text}"
+
+
+# Lifecycle verbs (dispatcher.lifecycle): PAUSE's gate, and the verbs run on a VM's devices.
+
+
+class StateFileError(DispatchError):
+    """A VM's state file (``serve --state-dir``) that cannot be restored: ``str()`` names the file and,
+    when its content is at fault, the device and the field. The VM is not served until it is moved away."""
+
+    def __init__(self, path: str, problem: object) -> None:
+        text = str(problem)
+        super().__init__(text if path in text else f"state file {path}: {text}")
+        self.path = path
+
+
+_LOCKED_VERBS = frozenset({Verb.RESET, Verb.SAVE, Verb.RESTORE})
+_REQUEST_TYPE = LIFECYCLE_REQUEST.to_bytes(4, "little")  # how a lifecycle request's frame begins
+
+
+def _device_state() -> Any:
+    # The device state API, imported when a verb first needs it.
+    from dispatcher import device_state
+
+    return device_state
+
+
+class VmLifecycle:
+    """One VM's lifecycle: whether it is paused (and the intercepts waiting meanwhile), and the verbs.
+
+    ``router`` is the VM's own router (its device objects), ``lock`` its
+    ``Dispatcher.lock``. Verbs that touch devices (RESET, SAVE, RESTORE) run
+    holding the lock, between two handler calls. PAUSE holds back every
+    intercept read afterwards on every connection of the VM, in order, until
+    RESUME; no thread blocks meanwhile, so the connections go on reading
+    (a RESUME among them). ``release`` is called on the event loop once a
+    RELEASE has been answered.
+    """
+
+    def __init__(self, vm: int, router: Router, lock: Any, *, release: Callable[[], None]) -> None:
+        self.vm = vm
+        self.router = router
+        self.lock = lock
+        self.release = release
+        self.paused = False
+        self.released = False
+        self.gate = threading.Lock()
+        """Guards ``paused`` and every connection's held intercepts."""
+        self.connections: set[LifecycleTransport] = set()
+
+    def save(self) -> str:
+        """The VM's device state document as JSON text, taken holding the VM's lock."""
+        state = _device_state()
+        with self.lock:
+            document = state.save_devices(self.router)
+        return str(state.dump_state(document))
+
+    def restore(self, text: str, *, source: str) -> None:
+        """Restore the document ``text`` (from ``source``, for errors); StateError and nothing changed if it cannot."""
+        state = _device_state()
+        document = state.load_state(text, source=source)
+        with self.lock:
+            state.restore_devices(self.router, document)
+
+    def handle(self, request: LifecycleRequest) -> tuple[LifecycleReply, bool]:
+        """Carry out ``request``; the reply, and whether the VM is to be released once it is sent."""
+
+        def reply(status: LifecycleStatus, document: bytes | str = b"") -> LifecycleReply:
+            data = document.encode() if isinstance(document, str) else document
+            return LifecycleReply(self.vm, status, request.request_id, data)
+
+        if request.vm != self.vm:
+            message = f"partition at offset {int(Offset.PARTITION)} = {request.vm}: this connection is VM {self.vm}"
+            return reply(LifecycleStatus.BAD_REQUEST, message), False
+        if self.released:
+            return reply(LifecycleStatus.UNAVAILABLE, f"VM {self.vm} is being released"), False
+        verb = request.verb
+        try:
+            if verb is Verb.PAUSE:
+                with self.gate:
+                    self.paused = True
+                log.debug("paused: intercepts wait until RESUME")
+            elif verb is Verb.RESUME:
+                with self.gate:
+                    self.paused = False
+                    waiting = [connection for connection in self.connections if connection.held]
+                for connection in waiting:
+                    connection.wake()
+                log.debug("resumed")
+            elif verb is Verb.RESET:
+                state = _device_state()
+                with self.lock:
+                    state.reset_devices(self.router)
+                log.info("devices reset")
+            elif verb is Verb.SAVE:
+                return reply(LifecycleStatus.OK, self.save()), False
+            elif verb is Verb.RESTORE:
+                try:
+                    text = request.document.decode()
+                except UnicodeDecodeError as error:
+                    return reply(
+                        LifecycleStatus.STATE_ERROR, f"the RESTORE document is not UTF-8 (byte {error.start})"
+                    ), False
+                self.restore(text, source="the RESTORE request")
+                log.info("device state restored")
+            elif verb is Verb.RELEASE:
+                self.released = True
+                return reply(LifecycleStatus.OK), True
+        except ImportError:
+            return reply(LifecycleStatus.UNAVAILABLE, "this service has no device state support"), False
+        except (DispatchError, ValueError) as error:
+            log.warning("%s refused: %s", verb.name, error)
+            return reply(LifecycleStatus.STATE_ERROR, str(error)), False
+        return reply(LifecycleStatus.OK), False
+
+
+class LifecycleTransport(Transport):
+    """A VMM connection whose lifecycle requests are answered here and whose intercepts PAUSE holds back.
+
+    Everything else passes through to ``transport`` unchanged. Inline, the
+    requests are carried out on the transport's thread, in stream order
+    among the intercepts; intercepts held by PAUSE are handed to the
+    dispatcher's loop (through :meth:`receive_batch`) on RESUME.
+    """
+
+    def __init__(self, transport: Transport, lifecycle: VmLifecycle) -> None:
+        self.transport = transport
+        self.lifecycle = lifecycle
+        self.name = str(getattr(transport, "name", "a connection"))
+        # What the dispatcher asks of a transport, as the one wrapped has it.
+        vars(self).update(stops_reading=transport.stops_reading, answers_inline=transport.answers_inline)
+        self.held: list[bytes] = []
+        """Intercepts read while the VM was paused (under ``lifecycle.gate``)."""
+        self._assembler = Assembler()
+        self._pending: list[bytes] = []
+        self._inline = False
+        self._woken = anyio.Event()
+        self._token = anyio.lowlevel.current_token()
+        self._loop_thread = threading.get_ident()
+        lifecycle.connections.add(self)
+
+    @property
+    def guest(self) -> Guest | None:
+        """The wrapped transport's guest memory."""
+        return self.transport.guest
+
+    def wake(self) -> None:
+        """Hand the held intercepts to the loop (after RESUME); from any thread."""
+        if threading.get_ident() == self._loop_thread:
+            self._woken.set()
+            return
+        with contextlib.suppress(anyio.RunFinishedError, RuntimeError):
+            anyio.from_thread.run_sync(self._woken.set, token=self._token)
+
+    def _take_held(self) -> list[bytes]:
+        with self.lifecycle.gate:
+            if self.lifecycle.paused or not self.held:
+                return []
+            frames, self.held = self.held, []
+            return frames
+
+    def _hold(self, frames: Sequence[bytes]) -> bool:
+        """Keep ``frames`` back if the VM is paused; whether it was."""
+        with self.lifecycle.gate:
+            if not self.lifecycle.paused:
+                return False
+            self.held.extend(frames)
+            return True
+
+    def _refused(self, frame: bytes, error: FrameError) -> LifecycleReply:
+        vm, _ = frame_ids(frame)
+        request_id = int.from_bytes(frame[Offset.LIFECYCLE_REQUEST_ID : Offset.LIFECYCLE_REQUEST_ID + 4], "little")
+        log.warning("%s: rejected a lifecycle request: %s", self.name, error)
+        status = LifecycleStatus.UNKNOWN_VERB if error.field == "verb" else LifecycleStatus.BAD_REQUEST
+        return LifecycleReply(vm, status, request_id, str(error).encode())
+
+    def _assemble(self, frame: bytes) -> LifecycleRequest | LifecycleReply | None:
+        try:
+            return self._assembler.request(frame)
+        except FrameError as error:
+            return self._refused(frame, error)
+
+    def _release_on_loop(self) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self.lifecycle.release()
+            return
+        with contextlib.suppress(anyio.RunFinishedError, RuntimeError):
+            anyio.from_thread.run_sync(self.lifecycle.release, token=self._token)
+
+    def _answer_sync(self, frame: bytes) -> list[bytes]:
+        # On the transport's thread: the verb runs here, taking the VM's lock as it needs.
+        request = self._assemble(frame)
+        if request is None:
+            return []
+        if isinstance(request, LifecycleReply):
+            return encode_reply(request)
+        reply, release = self.lifecycle.handle(request)
+        if release:
+            # The reply goes out before this thread reads again; stopping only ends the reading.
+            self._release_on_loop()
+        return encode_reply(reply)
+
+    async def _answer_async(self, frame: bytes) -> None:
+        request = self._assemble(frame)
+        if request is None:
+            return
+        release = False
+        if isinstance(request, LifecycleReply):
+            reply = request
+        elif request.verb in _LOCKED_VERBS:
+            # The loop's thread takes the lock without blocking the loop (a handler may hold it).
+            await Acquire(self.lifecycle.lock, anyio.lowlevel.checkpoint)
+            try:
+                reply, release = self.lifecycle.handle(request)
+            finally:
+                self.lifecycle.lock.release()
+        else:
+            reply, release = self.lifecycle.handle(request)
+        await self.transport.send_batch(encode_reply(reply))
+        if release:
+            self.lifecycle.release()
+
+    def start_inline(self, answer: InlineAnswer) -> None:
+        """Answer inline as the wrapped transport does; lifecycle requests are carried out on its thread."""
+        self._inline = True
+
+        lifecycle = self.lifecycle
+        request = _REQUEST_TYPE
+
+        def answer_around_requests(frames: Sequence[bytes]) -> list[bytes]:
+            # The common case, costing one slice and compare per frame: running, and no request among them.
+            if not lifecycle.paused:
+                for frame in frames:
+                    if frame[:4] == request:
+                        break
+                else:
+                    return answer(frames)
+            out: list[bytes] = []
+            start, count = 0, len(frames)
+            while start < count:
+                if message_type(frames[start]) == LIFECYCLE_REQUEST:
+                    out += self._answer_sync(frames[start])
+                    start += 1
+                    continue
+                end = start + 1
+                while end < count and message_type(frames[end]) != LIFECYCLE_REQUEST:
+                    end += 1
+                run = frames[start:end]
+                if not (self.lifecycle.paused and self._hold(run)):
+                    out += answer(run)
+                start = end
+            return out
+
+        self.transport.start_inline(answer_around_requests)
+
+    async def _read_or_wake(self) -> list[bytes] | None:
+        """The wrapped transport's next batch, or None when woken (held intercepts to hand over) first."""
+        got: list[list[bytes]] = []
+        failed: list[Exception] = []
+        async with anyio.create_task_group() as tg:
+
+            async def read() -> None:
+                try:
+                    got.append(await self.transport.receive_batch())
+                except Exception as error:
+                    failed.append(error)  # raised as it is below, not wrapped in an exception group
+                tg.cancel_scope.cancel()
+
+            async def woken() -> None:
+                await self._woken.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(read)
+            tg.start_soon(woken)
+        if failed:
+            raise failed[0]
+        if self._woken.is_set():
+            self._woken = anyio.Event()
+        return got[0] if got else None
+
+    async def receive_batch(self) -> list[bytes]:
+        """Frames for the dispatcher: intercepts (held ones after RESUME); lifecycle requests are answered here."""
+        while True:
+            released = self._take_held()
+            if released:
+                return released
+            if self._inline:
+                frames = await self._read_or_wake()
+                if frames is None:
+                    continue
+                return frames
+            if self._pending:
+                frames, self._pending = self._pending, []
+            else:
+                read = await (self._read_or_wake() if self.held else self.transport.receive_batch())
+                if read is None:
+                    continue
+                frames = read
+            if not frames:
+                return []
+            passed: list[bytes] = []
+            for index, frame in enumerate(frames):
+                if message_type(frame) == LIFECYCLE_REQUEST:
+                    if passed:
+                        # What came before the request is dispatched first.
+                        self._pending = frames[index:]
+                        break
+                    await self._answer_async(frame)
+                elif not self._hold((frame,)):
+                    passed.append(frame)
+            if passed:
+                return passed
+
+    async def send_batch(self, frames: Sequence[bytes]) -> None:
+        """Send on the wrapped transport."""
+        await self.transport.send_batch(frames)
+
+    def stop_reading(self) -> None:
+        """Stop the wrapped transport reading."""
+        self.transport.stop_reading()
+
+    async def aclose(self) -> None:
+        """Close the wrapped transport; the VM forgets this connection (and what it held)."""
+        self.lifecycle.connections.discard(self)
+        await self.transport.aclose()
 
 
 class VmDevices:
@@ -131,6 +475,10 @@ class VmDevices:
         """The guest memory this VM may map, over all its connections."""
         self.connections_total = 0
         self.stopping = False
+        self.on_release: Callable[[], None] | None = None
+        """Called (on the event loop) once a RELEASE has been answered: whoever keeps the VM forgets it."""
+        self.lifecycle = VmLifecycle(vm, self.router, self.dispatcher.lock, release=self.release)
+        """PAUSE's state and the lifecycle verbs, on this VM's devices."""
         self._live: set[anyio.CancelScope] = set()
         self._serve_partition = _accepts(self.dispatcher.serve, "partition")
 
@@ -163,6 +511,19 @@ class VmDevices:
         finally:
             lock.release()
 
+    @property
+    def released(self) -> bool:
+        """True once a RELEASE has been answered: the devices are being dropped."""
+        return self.lifecycle.released
+
+    def release(self) -> None:
+        """Drop the VM (after a RELEASE): stop serving its connections, then tell whoever keeps it."""
+        self.lifecycle.released = True
+        log.info("VM %d released: its devices are dropped", self.vm)
+        self.stop()
+        if self.on_release is not None:
+            self.on_release()
+
     def stop(self) -> None:
         """Stop reading every connection, finish the intercepts already received; cut off after ``grace``."""
         self.stopping = True
@@ -179,12 +540,21 @@ class VmDevices:
         self._live.add(scope)
         self.connections_total += 1
         name = transport.name
+        served: LifecycleTransport | None = None
+        if self.released:
+            # Handed over as the VM was released: closed unanswered; the VMM's next try finds a new VM.
+            self._live.discard(scope)
+            log.debug("%s: closed, VM %d is released", name, self.vm)
+            await transport.aclose()
+            return
         try:
             with scope:
                 await accept(transport, self.vm, capabilities=SERVICE_CAPABILITIES, then=self.announcement)
                 log.debug("%s: serving VM %d", name, self.vm)
                 transport.latency = self.latency
-                served = with_shared_memory(transport, self.budget, lock=self.dispatcher.lock)
+                served = LifecycleTransport(
+                    with_shared_memory(transport, self.budget, lock=self.dispatcher.lock), self.lifecycle
+                )
                 if self._serve_partition:
                     await self.dispatcher.serve(served, partition=self.vm)
                 else:
@@ -196,6 +566,8 @@ class VmDevices:
             log.exception("%s: failed", name)
         finally:
             self._live.discard(scope)
+            if served is not None:
+                self.lifecycle.connections.discard(served)
             with anyio.CancelScope(shield=True):
                 await transport.aclose()
         if scope.cancelled_caught:
@@ -260,6 +632,9 @@ class _Worker:
         self.settings = settings
         self.vm_id: int = settings["vm"]
         self.vm: VmDevices | None = None
+        self.save_on_stop = bool(settings.get("save_on_stop"))
+        """``serve --state-dir``: once stopped, send the VM's device state to the supervisor, which keeps it."""
+        self._listening: anyio.CancelScope | None = None
 
     def load(self) -> VmDevices:
         add_device_paths(self.settings.get("device_paths", []))
@@ -277,7 +652,24 @@ class _Worker:
         # The supervisor kills a worker still running ``grace`` seconds after telling it to stop:
         # cut the connections off a little earlier, so that they close cleanly and say why.
         vm.cutoff = grace * CUTOFF_SHARE
+        vm.on_release = self.released
+        state = self.settings.get("state")
+        if isinstance(state, str):
+            # A state file the supervisor read (serve --state-dir): restored before any HELLO is answered.
+            path = str(self.settings.get("state_path", "the saved state"))
+            try:
+                vm.lifecycle.restore(state, source=f"state file {path}")
+            except ImportError:
+                raise StateFileError(path, "this service has no device state support") from None
+            except DispatchError as error:
+                raise StateFileError(path, error) from None
+            log.info("devices restored from %s", path)
         return vm
+
+    def released(self) -> None:
+        # After a RELEASE: stop listening to the supervisor; serve() then says so and the worker exits.
+        if self._listening is not None:
+            self._listening.cancel()
 
     def hung(self, what: str) -> None:
         # Called where the watchdog runs; the worker cannot trust its devices any more.
@@ -290,19 +682,43 @@ class _Worker:
     async def serve(self) -> None:
         vm = self.vm
         assert vm is not None
-        async with anyio.create_task_group() as connections, anyio.create_task_group() as listening:
-            listening.start_soon(self._watch_sigterm, listening.cancel_scope)
-            try:
-                while not vm.stopping:
-                    message, fds = await self.channel.receive()
-                    await self.answer(message, fds, connections)
-            except ChannelClosedError:
-                log.warning("the supervisor has gone; stopping")
-                vm.stop()
-            except ChannelError as error:
-                log.error("%s; stopping", error)
-                vm.stop()
-            listening.cancel_scope.cancel()
+        async with anyio.create_task_group() as connections:
+            async with anyio.create_task_group() as listening:
+                self._listening = listening.cancel_scope
+                listening.start_soon(self._watch_sigterm, listening.cancel_scope)
+                try:
+                    while not vm.stopping:
+                        message, fds = await self.channel.receive()
+                        await self.answer(message, fds, connections)
+                except ChannelClosedError:
+                    log.warning("the supervisor has gone; stopping")
+                    vm.stop()
+                except ChannelError as error:
+                    log.error("%s; stopping", error)
+                    vm.stop()
+                listening.cancel_scope.cancel()
+            if vm.released:
+                # The supervisor forgets the VM (and its saved state) and hands it no more connections.
+                with contextlib.suppress(ChannelError):
+                    await self.channel.send({"op": "released"})
+        if self.save_on_stop and not vm.released:
+            await self._send_state(vm)
+
+    async def _send_state(self, vm: VmDevices) -> None:
+        # Every connection has ended: the state holds the effect of every intercept answered.
+        await Acquire(vm.dispatcher.lock, anyio.lowlevel.checkpoint)
+        try:
+            text = vm.lifecycle.save()
+        except ImportError:
+            log.error("cannot save the device state: this service has no device state support")
+            return
+        except (DispatchError, ValueError) as error:
+            log.error("cannot save the device state: %s", error)
+            return
+        finally:
+            vm.dispatcher.lock.release()
+        with contextlib.suppress(ChannelError):
+            await self.channel.send({"op": "state", "state": text})
 
     async def _watch_sigterm(self, listening: anyio.CancelScope) -> None:
         # systemd may signal the whole control group: a worker stops as gracefully as when told to.
@@ -390,10 +806,11 @@ async def _serve(channel: Channel, message: dict[str, Any], *, probe: bool, vm: 
         _apply_sandbox(message)  # the device check too: a sandbox that cannot be applied stops the start
     except (DispatchError, ValueError, ImportError, OSError) as error:
         with contextlib.suppress(ChannelError):
-            await channel.send({"op": "failed", "error": str(error)})
+            await channel.send({"op": "failed", "error": str(error), "state": isinstance(error, StateFileError)})
         return EXIT_NO_DEVICES
     ports = describe_ports(worker.vm.ports)
-    await channel.send({"op": "ready", "ports": ports, "pid": os.getpid()})
+    restored = isinstance(message.get("state"), str)
+    await channel.send({"op": "ready", "ports": ports, "pid": os.getpid(), "restored": restored})
     if probe:
         return 0
     log.debug("serving (pid %d); ports claimed: %s", os.getpid(), ports or "none")

@@ -9,14 +9,20 @@ stream, so a worker never outlives its supervisor for long.
 
 The messages (docs/SERVICE.md, "Processes"):
 
-* supervisor -> worker: ``start`` (the devices, options and limits; the
-  first message), ``connection`` (one VMM connection, its descriptor
-  attached, after its HELLO), ``stats`` and ``inspect`` (with an ``id``),
-  ``stop`` (graceful: finish the intercepts in flight, then exit).
-* worker -> supervisor: ``ready`` (devices loaded, sandbox applied: the
-  ports it claims) or ``failed`` (why it cannot serve), ``closed`` (a
+* supervisor -> worker: ``start`` (the devices, options and limits; with
+  ``serve --state-dir``, ``save_on_stop`` and the VM's saved ``state`` and
+  its ``state_path`` if there is one; the first message), ``connection``
+  (one VMM connection, its descriptor attached, after its HELLO),
+  ``stats`` and ``inspect`` (with an ``id``), ``stop`` (graceful: finish
+  the intercepts in flight, then exit).
+* worker -> supervisor: ``ready`` (devices loaded, the saved state
+  ``restored``, sandbox applied: the ports it claims) or ``failed`` (why it
+  cannot serve; ``state`` when its state file is at fault), ``closed`` (a
   connection ended), ``reply`` (to a ``stats`` or ``inspect`` of that
-  ``id``), ``hung`` (a handler hung: the worker exits next).
+  ``id``), ``hung`` (a handler hung: the worker exits next), ``released``
+  (a RELEASE was answered: the worker exits next, and the VM is
+  forgotten), ``state`` (its device state, once stopped, for the
+  supervisor to write: a worker opens no file).
 """
 
 from __future__ import annotations
