@@ -17,9 +17,10 @@ docs/PROTOCOL.md ("Control requests") has them byte by byte.
 from __future__ import annotations
 
 import enum
+import inspect
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, NamedTuple
 
 import anyio
@@ -216,13 +217,14 @@ def decode_reply(frame: bytes) -> ControlReply:
     return ControlReply(partition, bool(flags & FINAL), status, request_id, offset, data)
 
 
-async def serve_control(transport: Transport, answer: Callable[[ControlRequest], Reply]) -> None:
+async def serve_control(transport: Transport, answer: Callable[[ControlRequest], Reply | Awaitable[Reply]]) -> None:
     """Answer control requests on ``transport`` until the tool closes it.
 
-    ``answer`` builds the reply to one well-formed request, synchronously,
-    so the document is a snapshot taken between two handler calls; a frame
-    that is not a request is answered with BAD_REQUEST and a message saying
-    why.
+    ``answer`` builds the reply to one well-formed request: synchronously
+    in one process (the document is then a snapshot taken between two
+    handler calls), or awaited where it must ask the VMs' worker processes;
+    a frame that is not a request is answered with BAD_REQUEST and a message
+    saying why.
     """
     while frames := await transport.receive_batch():
         replies: list[bytes] = []
@@ -235,6 +237,8 @@ async def serve_control(transport: Transport, answer: Callable[[ControlRequest],
                 replies += encode_reply(message, status=Status.BAD_REQUEST, partition=partition)
                 continue
             reply = answer(request)
+            if inspect.isawaitable(reply):
+                reply = await reply
             replies += encode_reply(
                 reply.document, status=reply.status, request_id=request.request_id, partition=partition
             )

@@ -24,8 +24,8 @@ BPF by hand: libseccomp knows every architecture's system-call numbers and
 calling conventions (an x86-64 filter must also refuse the x32 and i386
 entry points) and checks arguments correctly; a hand-written program gets
 those wrong silently. The binding is libseccomp's own (``import seccomp``,
-Debian's python3-seccomp) or else ``pyseccomp`` (PyPI, the extra
-``intercept-dispatch[sandbox]``: a ctypes binding with the same API). With
+Debian's python3-seccomp) or else ``pyseccomp`` (PyPI,
+a dependency of this package: a ctypes binding with the same API). With
 neither, or no libseccomp, :func:`check_sandbox` says so in one line and the
 service refuses to start unless told ``--no-seccomp``.
 
@@ -265,7 +265,7 @@ def seccomp_binding() -> ModuleType:
     try:
         return importlib.import_module("pyseccomp")
     except ImportError:
-        why = "no libseccomp binding: install python3-seccomp, or intercept-dispatch[sandbox] (pyseccomp)"
+        why = "no libseccomp binding: install pyseccomp (pip) or python3-seccomp (apt)"
     except (RuntimeError, OSError) as error:  # pyseccomp loads libseccomp as it is imported
         why = f"libseccomp cannot be loaded ({error}): install libseccomp2"
     raise SandboxUnavailableError(f"seccomp is unavailable: {why}; or serve with --no-seccomp to run without it")

@@ -33,21 +33,19 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import anyio.abc
 
-from dispatcher import DispatchError, FrameError, TransportError
+from dispatcher import DispatchError, TransportError
 from dispatcher.hello import Hello, HelloStatus
-from dispatcher.wire import frame_ids
 
 from ..shared_memory import MAX_BYTES, MAX_REGIONS
 from ..unix import PeerCredentials, UnixListener, UnixTransport
 from . import systemd
-from .control import ControlRequest, Reply, Request, Status, decode_request, encode_reply
+from .control import ControlRequest, Reply, Request, Status, serve_control
 from .opening import ControlRequestStart, OpeningError, read_opening, refuse
 from .ratelimit import DEFAULT_LOG_RATE
 from .report import UnknownVmError, merge_inspect, merge_stats
@@ -65,7 +63,6 @@ __all__ = [
     "exit_cause",
     "read_state_file",
     "remove_state_file",
-    "serve_control_requests",
     "state_path",
     "worker_command",
     "write_state_file",
@@ -496,7 +493,7 @@ class Front:
             if self.stopping:
                 scope.cancel()
             try:
-                await serve_control_requests(transport, functools.partial(self.answer, viewer=viewer))
+                await serve_control(transport, functools.partial(self.answer, viewer=viewer))
             except TransportError as error:
                 log.debug("%s: %s", transport.name, error)
             finally:
@@ -504,27 +501,6 @@ class Front:
                 with anyio.CancelScope(shield=True):
                     await transport.aclose()
         log.debug("%s: control connection closed", transport.name)
-
-
-async def serve_control_requests(
-    transport: UnixTransport, answer: Callable[[ControlRequest], Awaitable[Reply]]
-) -> None:
-    """Answer control requests on ``transport`` until the tool closes it; ``answer`` may await (ask workers)."""
-    while frames := await transport.receive_batch():
-        replies: list[bytes] = []
-        for frame in frames:
-            partition = frame_ids(frame)[0]
-            try:
-                request = decode_request(frame)
-            except FrameError as error:
-                message = f"not a control request: {error}".encode()
-                replies += encode_reply(message, status=Status.BAD_REQUEST, partition=partition)
-                continue
-            reply = await answer(request)
-            replies += encode_reply(
-                reply.document, status=reply.status, request_id=request.request_id, partition=partition
-            )
-        await transport.send_batch(replies)
 
 
 class WorkerHandle:
