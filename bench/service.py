@@ -38,8 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from dispatcher import AccessInfo, AccessType, IoPortInterceptMessage
 
@@ -144,27 +144,19 @@ def raw_echo(count: int) -> list[float]:
         os.waitpid(pid, 0)
 
 
-def loop_floor(backend: str, count: int) -> list[float]:
-    """The event-loop floor: an anyio echo (wait_readable, recv, send) in a forked process."""
+def _against_forked_loop(
+    backend: str, count: int, serve: Callable[[socket.socket], Coroutine[Any, Any, None]]
+) -> list[float]:
+    """One VP's round trip times against ``serve(sock)``, run on ``backend`` in a forked process."""
     import anyio
 
     ours, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:
         ours.close()
-
-        async def echo() -> None:
-            theirs.setblocking(False)
-            while True:
-                await anyio.wait_readable(theirs)
-                data = theirs.recv(1 << 16)
-                if not data:
-                    return
-                theirs.send(data[:COMPLETION_SIZE])
-
         try:
             options = {"use_uvloop": True} if backend == "uvloop" else {}
-            anyio.run(echo, backend="asyncio" if backend == "uvloop" else backend, backend_options=options)
+            anyio.run(serve, theirs, backend="asyncio" if backend == "uvloop" else backend, backend_options=options)
         finally:
             os._exit(0)
     theirs.close()
@@ -175,6 +167,22 @@ def loop_floor(backend: str, count: int) -> list[float]:
     finally:
         ours.close()
         os.waitpid(pid, 0)
+
+
+def loop_floor(backend: str, count: int) -> list[float]:
+    """The event-loop floor: an anyio echo (wait_readable, recv, send) in a forked process."""
+    import anyio
+
+    async def echo(sock: socket.socket) -> None:
+        sock.setblocking(False)
+        while True:
+            await anyio.wait_readable(sock)
+            data = sock.recv(1 << 16)
+            if not data:
+                return
+            sock.send(data[:COMPLETION_SIZE])
+
+    return _against_forked_loop(backend, count, echo)
 
 
 def dispatcher_unix(backend: str, count: int) -> list[float]:
@@ -183,38 +191,20 @@ def dispatcher_unix(backend: str, count: int) -> list[float]:
     No service around it: this is the dispatch path itself (the inline
     reader thread, the engine, the write), on the given event loop.
     """
-    import anyio
-
     from dispatcher import Dispatcher, PortAccess, Router
     from transports.unix import UnixTransport
 
-    ours, theirs = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        ours.close()
-        router = Router()
+    router = Router()
 
-        @router.claim(SCRATCH)
-        def scratch(access: PortAccess) -> int:
-            return 0x5A
+    @router.claim(SCRATCH)
+    def scratch(access: PortAccess) -> int:
+        return 0x5A
 
-        async def serve() -> None:
-            # The default handler deadline: its watchdog is part of the cost.
-            await Dispatcher(router).serve(UnixTransport(theirs, name="bench"))
+    async def serve(sock: socket.socket) -> None:
+        # The default handler deadline: its watchdog is part of the cost.
+        await Dispatcher(router).serve(UnixTransport(sock, name="bench"))
 
-        try:
-            options = {"use_uvloop": True} if backend == "uvloop" else {}
-            anyio.run(serve, backend="asyncio" if backend == "uvloop" else backend, backend_options=options)
-        finally:
-            os._exit(0)
-    theirs.close()
-    try:
-        channel = SocketChannel(ours)
-        round_trips(channel, count // 10, COMPLETION_SIZE)
-        return round_trips(channel, count, COMPLETION_SIZE)
-    finally:
-        ours.close()
-        os.waitpid(pid, 0)
+    return _against_forked_loop(backend, count, serve)
 
 
 def dispatcher_ratio(backend: str, count: int) -> dict[str, float]:
