@@ -34,7 +34,16 @@ from dispatcher.transport import InlineAnswer
 from .fdstream import READ_SIZE, FdStreamTransport
 from .socket_path import PeerCredentials, default_socket_path, peer_credentials
 
-__all__ = ["DEFAULT_MODE", "PeerCredentials", "UnixListener", "UnixTransport", "connect_unix", "default_socket_path"]
+__all__ = [
+    "DEFAULT_MODE",
+    "PeerCredentials",
+    "UnixListener",
+    "UnixTransport",
+    "connect_unix",
+    "default_socket_path",
+    "fds_ancillary",
+    "received_fds",
+]
 
 log = logging.getLogger("intercept_dispatch.transports")
 
@@ -46,6 +55,20 @@ MAX_QUEUED_FDS = 64
 """Descriptors received and not yet taken; more is a protocol error."""
 
 _FD = array.array("i").itemsize
+
+
+def fds_ancillary(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """The ancillary data that passes ``fds`` with ``sendmsg`` (SCM_RIGHTS); none for no descriptors."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+
+
+def received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors a ``recvmsg`` delivered (SCM_RIGHTS), in order; the caller owns them."""
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % _FD])
+    return fds.tolist()
 
 
 class UnixTransport(FdStreamTransport):
@@ -71,11 +94,7 @@ class UnixTransport(FdStreamTransport):
 
     def _keep_fds(self, ancillary: list[tuple[int, int, bytes]], flags: int) -> None:
         # Descriptors queue in stream order, for take_fds.
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % _FD])
-                self._fds.extend(fds)
+        self._fds.extend(received_fds(ancillary))
         if flags & socket.MSG_CTRUNC:
             raise TransportError(f"{self.name}: more than {MAX_FDS_PER_READ} descriptors arrived at once")
         if len(self._fds) > MAX_QUEUED_FDS:
@@ -145,7 +164,7 @@ class UnixTransport(FdStreamTransport):
         """
         if not frame or not 1 <= len(fds) <= MAX_FDS_PER_READ:
             raise ValueError(f"send_fds needs a frame and 1..{MAX_FDS_PER_READ} descriptors")
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        ancillary = fds_ancillary(fds)
         async with self._loop_writer:
             lock = self._write_lock
             if not lock.acquire(blocking=False):

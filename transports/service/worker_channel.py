@@ -41,6 +41,8 @@ import anyio
 
 from dispatcher import DispatchError
 
+from ..unix import fds_ancillary, received_fds
+
 __all__ = ["MAX_MESSAGE", "Channel", "ChannelClosedError", "ChannelError", "channel_pair"]
 
 MAX_MESSAGE = 64 << 20
@@ -94,7 +96,7 @@ class Channel:
             raise ValueError(f"a message carries at most {MAX_FDS} descriptors, not {len(fds)}")
         body = json.dumps({**message, "fds": len(fds)}, separators=(",", ":")).encode()
         view = memoryview(_LENGTH.pack(len(body)) + body)
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        ancillary = fds_ancillary(fds)
         async with self._lock:
             while view:
                 if self._closed:
@@ -127,11 +129,7 @@ class Channel:
                 continue
             except OSError as error:
                 raise ChannelClosedError(f"{self.name}: the other side has gone ({error.strerror})") from None
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
-                    self._fds.extend(fds)
+            self._fds.extend(received_fds(ancillary))
             if flags & socket.MSG_CTRUNC:
                 raise ChannelError(f"{self.name}: more than {MAX_FDS} descriptors arrived at once")
             if not data:
