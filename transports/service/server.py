@@ -23,7 +23,6 @@ import errno
 import importlib.metadata
 import logging
 import os
-import signal
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -213,7 +212,7 @@ class Service(Front):
         parts = [(each, devices.devices()) for each, devices in self.vms.items() if self.visible(each, viewer)]
         return merge_inspect(parts, vm)
 
-    def stats_line(self) -> str:
+    async def stats_line(self) -> str:
         """The statistics line SIGUSR1 and ``--stats-interval`` log."""
         connections = (
             f"connections {self.connections_open} open, {self.connections_total} total, "
@@ -269,34 +268,6 @@ class Service(Front):
         self.connections_total += 1
         self._open_by_uid[os.getuid()] += 1
         await self.serve_vm(transport, opening, os.getuid())
-
-    async def watch_signals(
-        self, force: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """SIGTERM/SIGINT: stop gracefully (a second one cancels ``force``); SIGUSR1: log statistics."""
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
-            task_status.started()
-            async for number in signals:
-                if number == signal.SIGUSR1:
-                    log.info("stats: %s", self.stats_line())
-                elif not self.stopping:
-                    log.info(
-                        "%s: stopping; finishing the intercepts in flight on %d connection(s)",
-                        signal.Signals(number).name,
-                        self.connections_open,
-                    )
-                    systemd.notify("STOPPING=1")
-                    self.stop()
-                else:
-                    log.warning("%s again: exiting without waiting", signal.Signals(number).name)
-                    self.forced = True
-                    force.cancel()
-
-    async def report_stats(self, interval: float) -> None:
-        """Log a statistics line every ``interval`` seconds."""
-        while True:
-            await anyio.sleep(interval)
-            log.info("stats: %s", self.stats_line())
 
 
 def _socket_problem(path: str, error: OSError) -> str:
@@ -474,7 +445,7 @@ async def run(config: ServiceConfig, loader: DeviceLoader | None = None) -> int:
     if isinstance(service, Service):
         if not service.forced:
             service.save_states()
-        log.info("stopped; stats: %s", service.stats_line())
+        log.info("stopped; stats: %s", await service.stats_line())
     else:
         log.info(
             "stopped; %d connection(s) served, %d refused; %d worker(s) started, %d failed",

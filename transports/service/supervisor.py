@@ -332,7 +332,44 @@ class Front:
         for scope in (*self._openings, *self._control):
             scope.cancel()
 
+    async def stats_line(self) -> str:
+        """The statistics line SIGUSR1 and ``--stats-interval`` log."""
+        raise NotImplementedError
+
+    def in_flight(self) -> str:
+        """What a graceful stop waits for, in words, for its log line."""
+        return f"finishing the intercepts in flight on {self.connections_open} connection(s)"
+
+    def force_stop(self) -> None:
+        """A second signal: stop without waiting."""
+        self.forced = True
+
     # Shared.
+
+    async def watch_signals(
+        self, force: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """SIGTERM/SIGINT: stop gracefully (a second one stops at once and cancels ``force``); SIGUSR1: statistics."""
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+            task_status.started()
+            async for number in signals:
+                name = signal.Signals(number).name
+                if number == signal.SIGUSR1:
+                    log.info("stats: %s", await self.stats_line())
+                elif not self.stopping:
+                    log.info("%s: stopping; %s", name, self.in_flight())
+                    systemd.notify("STOPPING=1")
+                    self.stop()
+                else:
+                    log.warning("%s again: exiting without waiting", name)
+                    self.force_stop()
+                    force.cancel()
+
+    async def report_stats(self, interval: float) -> None:
+        """Log a statistics line every ``interval`` seconds."""
+        while True:
+            await anyio.sleep(interval)
+            log.info("stats: %s", await self.stats_line())
 
     def connection_closed(self, uid: int) -> None:
         """A VMM connection of ``uid`` has ended."""
@@ -576,7 +613,7 @@ class Supervisor(Front):
     async def serve(
         self, listener: UnixListener, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Accept until :meth:`stop`; then stop the workers (killing those left after the grace period)."""
+        """Accept until :meth:`~Front.stop`; then stop the workers (killing those left after the grace period)."""
         async with anyio.create_task_group() as self._task_group:
             await super().serve(listener, task_status=task_status)
             await self._stop_workers()
@@ -877,32 +914,11 @@ class Supervisor(Front):
         )
         return format_document(document, extra=extra)
 
-    def stop(self) -> None:
-        """Stop accepting; the workers are then told to stop, and killed if still running after ``grace``."""
-        super().stop()
+    def in_flight(self) -> str:
+        return f"{len(self.workers)} worker(s) finish the intercepts in flight on {self.connections_open} connection(s)"
 
-    async def watch_signals(
-        self, force: anyio.CancelScope, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """SIGTERM/SIGINT: stop gracefully (a second one kills the workers and cancels ``force``); SIGUSR1: stats."""
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
-            task_status.started()
-            async for number in signals:
-                if number == signal.SIGUSR1:
-                    log.info("stats: %s", await self.stats_line())
-                elif not self.stopping:
-                    log.info("%s: stopping; %d worker(s) finish the intercepts in flight on %d connection(s)",
-                             signal.Signals(number).name, len(self.workers), self.connections_open)  # fmt: skip
-                    systemd.notify("STOPPING=1")
-                    self.stop()
-                else:
-                    log.warning("%s again: exiting without waiting; killing the workers", signal.Signals(number).name)
-                    self.forced = True
-                    self.kill_all()
-                    force.cancel()
-
-    async def report_stats(self, interval: float) -> None:
-        """Log a statistics line every ``interval`` seconds."""
-        while True:
-            await anyio.sleep(interval)
-            log.info("stats: %s", await self.stats_line())
+    def force_stop(self) -> None:
+        """A second signal: kill every worker at once."""
+        super().force_stop()
+        log.warning("killing %d worker(s)", len(self.workers))
+        self.kill_all()
