@@ -75,8 +75,8 @@ def _parser() -> CommandParser:
     parser = CommandParser(
         prog="intercept-dispatch inspect",
         description="Show a running service's devices: each device object behind the claims, its ports, "
-        "its calls and its public int, bool and bytes attributes (its registers, until devices offer a state "
-        "API), read without calling any of its code.\n\n"
+        "its calls and its public int, bool and bytes attributes, read without calling any of its code "
+        "(its saved state is `poke --vm ID save FILE`).\n\n"
         "  intercept-dispatch inspect --socket /tmp/dispatch.sock --vm 0",
         exit_statuses=EXIT_STATUSES,
     )
