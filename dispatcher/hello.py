@@ -95,6 +95,16 @@ def _check_range(name: str, value: int, bits: int) -> None:
         raise ValueError(f"{name} must be within 0..{(1 << bits) - 1:#x} ({bits} bits), not {value}")
 
 
+def _check_session(frame: Hello | HelloReply) -> None:
+    # The fields both opening frames carry: each within its width, capabilities as flags.
+    _check_range("vm", frame.vm, 64)
+    _check_range("major", frame.major, 16)
+    _check_range("minor", frame.minor, 16)
+    _check_range("capabilities", frame.capabilities, 32)
+    if not isinstance(frame.capabilities, Capability):
+        object.__setattr__(frame, "capabilities", Capability(frame.capabilities))
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     """The VMM's opening frame: ``vm`` (the header's SourcePartition), its session version and capabilities."""
@@ -105,12 +115,7 @@ class Hello:
     capabilities: Capability = Capability.NONE
 
     def __post_init__(self) -> None:
-        _check_range("vm", self.vm, 64)
-        _check_range("major", self.major, 16)
-        _check_range("minor", self.minor, 16)
-        _check_range("capabilities", self.capabilities, 32)
-        if not isinstance(self.capabilities, Capability):
-            object.__setattr__(self, "capabilities", Capability(self.capabilities))
+        _check_session(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,12 +130,7 @@ class HelloReply:
     reason: str = ""
 
     def __post_init__(self) -> None:
-        _check_range("vm", self.vm, 64)
-        _check_range("major", self.major, 16)
-        _check_range("minor", self.minor, 16)
-        _check_range("capabilities", self.capabilities, 32)
-        if not isinstance(self.capabilities, Capability):
-            object.__setattr__(self, "capabilities", Capability(self.capabilities))
+        _check_session(self)
         if not isinstance(self.status, HelloStatus):
             object.__setattr__(self, "status", HelloStatus(self.status))
 
