@@ -31,6 +31,7 @@ from .wire import (
     MAX_PAYLOAD,
     Offset,
     check_header,
+    document_chunks,
 )
 
 __all__ = [
@@ -149,18 +150,13 @@ class LifecycleError(DispatchError):
 def _encode(kind: int, vm: int, code: int, request_id: int, document: bytes) -> list[bytes]:
     if len(document) > MAX_DOCUMENT:
         raise ValueError(f"a lifecycle document holds at most {MAX_DOCUMENT} bytes, not {len(document)}")
-    frames = []
-    offset = 0
-    while True:
-        chunk = document[offset : offset + MAX_CHUNK]
-        final = offset + len(chunk) >= len(document)
-        head = LIFECYCLE_HEAD.pack(
+    return [
+        LIFECYCLE_HEAD.pack(
             kind, _FIXED + len(chunk), 0, 0, 0, vm, LIFECYCLE_VERSION, code, FINAL if final else 0, request_id, offset
         )
-        frames.append(head + chunk)
-        offset += len(chunk)
-        if final:
-            return frames
+        + chunk
+        for offset, chunk, final in document_chunks(document, MAX_CHUNK)
+    ]
 
 
 def encode_request(request: LifecycleRequest) -> list[bytes]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import functools
 import struct
+from collections.abc import Iterator
 from typing import Final, NamedTuple
 
 from .errors import FieldValueError, ShortFrameError, UnknownMessageTypeError
@@ -69,6 +70,7 @@ __all__ = [
     "check_intercept",
     "check_io_payload",
     "decode_completion",
+    "document_chunks",
     "frame_ids",
     "message_type",
     "pack_completion",
@@ -345,6 +347,15 @@ def payload_size(data: bytes | bytearray | memoryview, at: int = 0) -> tuple[int
     if not data[at + 4] and not data[at + 5] and not data[at + 6] and data[at + 7]:
         return data[at + 7], Offset.SEED_PAYLOAD_SIZE
     return data[at + 4], Offset.PAYLOAD_SIZE
+
+
+def document_chunks(document: bytes, size: int) -> Iterator[tuple[int, bytes, bool]]:
+    """A document split for frames that carry at most ``size`` bytes of it: (offset, chunk, final) for each.
+
+    An empty document is one empty, final chunk: every reply has at least one frame.
+    """
+    for start in range(0, max(len(document), 1), size):
+        yield start, document[start : start + size], start + size >= len(document)
 
 
 def frame_ids(data: bytes | bytearray | memoryview) -> tuple[int, int]:

@@ -35,6 +35,7 @@ from dispatcher.wire import (
     MAX_PAYLOAD,
     Offset,
     check_header,
+    document_chunks,
     frame_ids,
     message_type,
 )
@@ -172,9 +173,7 @@ def decode_request(frame: bytes) -> ControlRequest:
 def encode_reply(document: bytes, *, status: int = Status.OK, request_id: int = 0, partition: int = 0) -> list[bytes]:
     """A reply as frames of at most :data:`CHUNK_SIZE` document bytes each (at least one frame)."""
     frames = []
-    for start in range(0, max(len(document), 1), CHUNK_SIZE):
-        chunk = document[start : start + CHUNK_SIZE]
-        final = start + CHUNK_SIZE >= len(document)
+    for start, chunk, final in document_chunks(document, CHUNK_SIZE):
         head = CONTROL_REPLY_HEAD.pack(
             CONTROL_REPLY,
             CONTROL_REPLY_HEAD.size - HEADER_SIZE + len(chunk),
