@@ -27,7 +27,7 @@ from .device_state import (
     save_device,
     save_devices,
 )
-from .engine import Engine
+from .engine import Engine, EngineObserver
 from .errors import (
     AccessRefused,
     DispatchError,
@@ -99,6 +99,7 @@ __all__ = [
     "DispatchError",
     "Dispatcher",
     "Engine",
+    "EngineObserver",
     "EngineStats",
     "ExecutionState",
     "FieldValueError",

@@ -17,6 +17,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from .errors import FrameError
 from .guest import Guest
@@ -42,7 +43,7 @@ from .wire import (
 )
 from .x86 import IP_MASK_BY_MODE, next_ip
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "EngineObserver"]
 
 log = logging.getLogger("intercept_dispatch.engine")
 
@@ -54,6 +55,19 @@ _SIMPLE_ACCESS = tuple(key >> 8 <= 1 and VALID_ACCESS_INFO[key & 0xFF] and not k
 _unpack_lean = INTERCEPT_LEAN.unpack_from
 _pack_body = pack_completion_body
 _new_tuple = tuple.__new__  # skips a NamedTuple's Python-level __new__, a third of its cost
+
+
+class EngineObserver(Protocol):
+    """Sees every frame an :class:`Engine` takes and every completion it makes, in the order they happen.
+
+    Calls come under the VM's device lock (where the engine is called),
+    each intercept before its handlers run; a recorder
+    (:class:`dispatcher.recorder.Recorder`) is one.
+    """
+
+    def intercept(self, frame: bytes) -> None: ...
+
+    def completion(self, frame: bytes) -> None: ...
 
 
 class Engine:
@@ -77,6 +91,10 @@ class Engine:
     ``partition`` (None: any) is the one partition this connection serves (a
     VM's): a frame of another gets a PROTOCOL_ERROR completion whose detail
     is ``Offset.PARTITION`` and reaches no device.
+
+    ``observer`` (an :class:`EngineObserver`) sees each frame before it is
+    handled and each completion as it is made; frames then take the
+    general path, one at a time.
     """
 
     def __init__(
@@ -90,6 +108,7 @@ class Engine:
         max_elements: int = DEFAULT_MAX_ELEMENTS,
         inline: bool = True,
         partition: int | None = None,
+        observer: EngineObserver | None = None,
     ) -> None:
         if max_elements < 1:
             raise ValueError(f"max_elements must be at least 1, not {max_elements}")
@@ -100,6 +119,8 @@ class Engine:
         self.max_elements = max_elements
         self.inline = inline
         self.partition = partition
+        self.observer = observer
+        self._general = not inline or observer is not None
         self._clock = clock
         self._port_io = PortIo(router, self.stats)
         self._string_io = StringIo(
@@ -139,9 +160,17 @@ class Engine:
         jobs: list[Job] = []
         deadline = None if watched else self.deadline
         timed = deadline is not None
-        if not self.inline:
+        if self._general:
+            observer = self.observer
             for frame in frames:
-                job = self._process(frame, out, timed=timed)
+                if observer is None:
+                    job = self._process(frame, out, timed=timed)
+                else:
+                    observer.intercept(frame)
+                    made = len(out)
+                    job = self._process(frame, out, timed=timed)
+                    for completion in out[made:]:
+                        observer.completion(completion)
                 if job is not None:
                     jobs.append(job)
             return out, jobs
@@ -237,21 +266,34 @@ class Engine:
         else:
             out.append(self._port_io.fail(job.intercepted, status, error, job.steps))
         queue = self._waiting[job.key]
+        more: list[Job] = []
         while queue:
             self.queued -= 1
             next_job = self._process(queue.popleft(), out, queued=True)
             if next_job is not None:
-                return out, [next_job]
-        del self._waiting[job.key]
-        return out, []
+                more.append(next_job)
+                break
+        else:
+            del self._waiting[job.key]
+        if self.observer is not None:
+            for completion in out:
+                self.observer.completion(completion)
+        return out, more
 
     def abandoned(self, frame: bytes) -> bytes:
         """The DEADLINE_EXCEEDED completion of ``frame``, whose synchronous handler never returned.
 
         Made without waiting for that handler (another thread may be stuck
         in it): a port access completes as a dead device's would (a read
-        gets all ones), a string access is not performed.
+        gets all ones), a string access is not performed. The observer sees
+        it as the frame's completion.
         """
+        completion = self._abandoned(frame)
+        if self.observer is not None:
+            self.observer.completion(completion)
+        return completion
+
+    def _abandoned(self, frame: bytes) -> bytes:
         try:
             check_intercept(frame)
         except FrameError as error:

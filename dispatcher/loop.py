@@ -23,7 +23,7 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from .device_lock import Acquire, LockedSteps
-from .engine import Engine
+from .engine import Engine, EngineObserver
 from .errors import TransportError
 from .guest import Guest
 from .port_io import Job, call_step
@@ -112,6 +112,10 @@ class Dispatcher:
     ``on_hung`` is called (on the event loop) with a one-line description
     when a synchronous handler running on a transport's thread passes the
     deadline without returning; see :meth:`serve`.
+
+    ``observer`` (an :class:`~dispatcher.engine.EngineObserver`, such as a
+    :class:`~dispatcher.recorder.Recorder`) sees every connection's frames
+    and completions, in the order they are handled.
     """
 
     def __init__(
@@ -124,6 +128,7 @@ class Dispatcher:
         max_queued: int = DEFAULT_MAX_QUEUED,
         max_jobs: int = DEFAULT_MAX_JOBS,
         on_hung: Callable[[str], None] | None = None,
+        observer: EngineObserver | None = None,
     ) -> None:
         if max_elements < 1:
             raise ValueError(f"max_elements must be at least 1, not {max_elements}")
@@ -138,6 +143,7 @@ class Dispatcher:
         self.max_queued = max_queued
         self.max_jobs = max_jobs
         self.on_hung = on_hung
+        self.observer = observer
         self.stats = EngineStats()
         """Counts of every connection's intercepts: completed, failed, unclaimed accesses, per port."""
         self.lock = threading.RLock()
@@ -212,6 +218,7 @@ class Dispatcher:
             guest=transport.guest or self.guest,
             max_elements=self.max_elements,
             partition=partition,
+            observer=self.observer,
         )
         connection = _Connection(engine, self.max_queued, self.max_jobs)
         self._connections.add(connection)

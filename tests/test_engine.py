@@ -25,6 +25,7 @@ from dispatcher import (
     SegmentRegister,
     Status,
     decode_completion,
+    decode_message,
 )
 from dispatcher.wire import Offset
 
@@ -322,3 +323,59 @@ def test_an_abandoned_intercept_completes_as_a_dead_device_past_its_deadline() -
     assert completion.status is Status.DEADLINE_EXCEEDED
     assert completion.rax == 0xAAAA_FFFF and completion.registers == Registers.RIP | Registers.RAX
     assert engine.stats.deadline_exceeded == 1
+
+
+class _Log:
+    """An observer that lists what it sees."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def intercept(self, frame: bytes) -> None:
+        self.seen.append(("intercept", decode_message(frame).port_number))
+
+    def completion(self, frame: bytes) -> None:
+        self.seen.append(("completion", decode_completion(frame).rax & 0xFF))
+
+
+def test_an_observer_sees_each_intercept_before_its_handler_and_each_completion_as_made() -> None:
+    router = Router()
+
+    def read(access: PortAccess) -> int:
+        log.seen.append(("handler", access.port))
+        return 0x40 + access.port - 0x60
+
+    router.add(read, 0x60, 2)
+    log = _Log()
+    engine = Engine(router, observer=log)
+    out, _ = engine.receive([frame(0x60), frame(0x61), frame(0x1234)])
+    assert [decode_completion(c).rax & 0xFF for c in out] == [0x40, 0x41, 0xFF]
+    assert log.seen == [
+        ("intercept", 0x60), ("handler", 0x60), ("completion", 0x40),
+        ("intercept", 0x61), ("handler", 0x61), ("completion", 0x41),
+        ("intercept", 0x1234), ("completion", 0xFF),
+    ]  # fmt: skip
+
+
+def test_an_observer_sees_the_completions_of_async_jobs_and_abandoned_intercepts() -> None:
+    router = Router()
+
+    async def read(access: PortAccess) -> int:
+        return access.port & 0xFF
+
+    router.add(read, 0x100, 2)
+    log = _Log()
+    engine = Engine(router, deadline=None, observer=log)
+    out, jobs = engine.receive([frame(0x100), frame(0x101)])
+    assert not out
+    while jobs:
+        (job,) = jobs
+        _, jobs = engine.finish(job, [job.steps[0].access.port & 0xFF])
+    engine.abandoned(frame(0x100))
+    assert log.seen == [
+        ("intercept", 0x100),
+        ("intercept", 0x101),
+        ("completion", 0x00),
+        ("completion", 0x01),
+        ("completion", 0xFF),
+    ]
