@@ -53,7 +53,7 @@ from .port_io import Job, Step
 from .router import BulkAccess, BulkClaim, BulkHandler, Claim, Handler, PortAccess, Router, on_bulk, on_port
 from .stats import EngineStats
 from .string_plan import DEFAULT_MAX_ELEMENTS, UnsupportedReason
-from .transport import InlineAnswer, Transport
+from .transport import DecodedAnswer, InlineAnswer, Transport
 from .wire import (
     ANNOUNCEMENT,
     COMPLETION,
@@ -96,6 +96,7 @@ __all__ = [
     "BulkHandler",
     "Claim",
     "Completion",
+    "DecodedAnswer",
     "DispatchError",
     "Dispatcher",
     "Engine",

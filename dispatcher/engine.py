@@ -144,7 +144,7 @@ class Engine:
         return bool(self._waiting)
 
     def receive(
-        self, frames: Iterable[bytes], out: list[bytes] | None = None, *, watched: bool = False
+        self, frames: Iterable[bytes], out: list[bytes] | None = None, watched: bool = False
     ) -> tuple[list[bytes], list[Job]]:
         """Take a batch of frames; return completions ready now and jobs to run.
 
@@ -245,6 +245,53 @@ class Engine:
             append(_pack_body(partition, vp, PROTOCOL_VERSION, 0, named, next_rip, rax, 0, 0, 0, port, access_info,
                               0, 0))  # fmt: skip
         return out, jobs
+
+    def answer_port(
+        self, partition: int, vp: int, port: int, access_info: int, is_write: bool, rax: int, next_rip: int
+    ) -> int | bytes | None:
+        """Answer an intercept a transport has decoded itself, when it is the common case; None when not.
+
+        For a transport that reads the exit's fields without building a
+        frame (a vCPU thread): the same answer :meth:`receive` gives the
+        frame with these fields. None: nothing ran (the access is not a
+        well-formed non-string access wholly inside one synchronous claim,
+        its VP has work queued, it is another partition's, or an observer
+        wants frames): send the frame instead. An int: the usual completion
+        (RIP to ``next_rip``; for an IN, this value, masked to the access
+        size, merged into RAX as the architecture does; 0 for an OUT).
+        Bytes: any other completion, as a frame (a handler raised or
+        returned something other than an int). The handler is not timed: the
+        caller's watchdog holds it to the deadline, as in a ``watched``
+        :meth:`receive`.
+        """
+        size = access_info & 7
+        claim = (self.router.write_table if is_write else self.router.read_table)[port]
+        if (
+            claim is None
+            or claim.is_async
+            or claim.last < port + size - 1
+            or size > claim.max_size
+            or self._general
+            or not _SIMPLE_ACCESS[is_write << 8 | access_info]
+            or (self._waiting and (partition << 32 | vp) in self._waiting)
+            or (self.partition is not None and partition != self.partition)
+        ):
+            return None
+        self.stats.port_counts[port] += 1
+        access = _new_tuple(
+            PortAccess, (port, size, is_write, rax & MASK[size] if is_write else 0, port - claim.first, vp, partition)
+        )
+        try:
+            result = claim.handler(access)
+        except Exception as error:
+            intercepted = Intercepted(partition, vp, port, access_info, is_write, rax, next_rip)
+            return self._port_io.fail(intercepted, Status.HANDLER_FAILED, error, [Step(claim, access, 0)])
+        if is_write:
+            return 0
+        if type(result) is int:
+            return result & MASK[size]
+        intercepted = Intercepted(partition, vp, port, access_info, is_write, rax, next_rip)
+        return self._port_io.complete(intercepted, [Step(claim, access, 0)], [result])
 
     def finish(
         self,

@@ -30,7 +30,7 @@ from .port_io import Job, call_step
 from .router import Router
 from .stats import EngineStats
 from .string_plan import DEFAULT_MAX_ELEMENTS
-from .transport import Transport
+from .transport import DecodedAnswer, Transport
 from .wire import Status, frame_ids
 
 __all__ = ["DEFAULT_MAX_JOBS", "DEFAULT_MAX_QUEUED", "Dispatcher"]
@@ -43,6 +43,7 @@ DEFAULT_MAX_JOBS = 64
 """Jobs (async handler calls) one connection may have outstanding before it is no longer read."""
 
 _RECEIVE_CODE = Engine.receive.__code__
+_ANSWER_PORT_CODE = Engine.answer_port.__code__
 
 
 class _Connection:
@@ -323,6 +324,8 @@ class Dispatcher:
                 watchdog_scope = anyio.CancelScope()
                 if transport.answers_inline:
                     transport.start_inline(self._inline_answer(connection, send_then_run, tg))
+                    if transport.answers_decoded and self.observer is None:
+                        transport.start_decoded(self._decoded_answer(connection))
                     if self.deadline is not None:
                         tg.start_soon(self._watchdog, connection, transport, tg.cancel_scope, watchdog_scope)
                 task_status.started()
@@ -412,7 +415,7 @@ class Dispatcher:
                     ident = get_ident()
                     calls[ident] = (clock(), out)
                     try:
-                        out, jobs = receive(frames, out, watched=True)
+                        out, jobs = receive(frames, out, True)
                     finally:
                         claimed = calls.pop(ident, None) is not None
                     if not claimed:
@@ -444,6 +447,46 @@ class Dispatcher:
 
         return answer
 
+    def _decoded_answer(self, connection: _Connection) -> DecodedAnswer:
+        # The function an inline transport that decodes intercepts itself calls on its own thread: the inline
+        # answer's bookkeeping around Engine.answer_port. None (take the frame path) where that has more to do.
+        acquire, release = self.lock.acquire, self.lock.release
+        answer_port = connection.engine.answer_port
+        calls = connection.calls
+        watched = self.deadline is not None
+        get_ident = threading.get_ident
+        clock = time.perf_counter
+
+        def answer(
+            partition: int, vp: int, port: int, access_info: int, is_write: bool, rax: int, next_rip: int
+        ) -> int | bytes | None:
+            if connection.blocked:
+                return None
+            acquire()
+            try:
+                if connection.ended:
+                    return None
+                if watched:
+                    ident = get_ident()
+                    calls[ident] = (clock(), [])
+                    try:
+                        result = answer_port(partition, vp, port, access_info, is_write, rax, next_rip)
+                    finally:
+                        claimed = calls.pop(ident, None) is not None
+                    if not claimed:
+                        return None  # the watchdog has ended the connection: the frame path finds it ended
+                else:
+                    result = answer_port(partition, vp, port, access_info, is_write, rax, next_rip)
+                finished = connection.finished
+            finally:
+                release()
+            if connection.sent < finished:
+                with connection.sent_changed:
+                    connection.sent_changed.wait_for(lambda: connection.sent >= finished or connection.ended)
+            return result
+
+        return answer
+
     async def _watchdog(
         self, connection: _Connection, transport: Transport, scope: anyio.CancelScope, own: anyio.CancelScope
     ) -> None:
@@ -469,12 +512,15 @@ class Dispatcher:
                 continue  # it returned just now
             connection.ended = True
             out = list(made)
-            frame = _current_frame(thread)
+            frame, ids = _current_intercept(thread)
             description = f"{_name(transport)}: a synchronous handler has run past the {deadline:g} s deadline"
             if frame is not None:
                 out.append(connection.engine.abandoned(frame))
-                partition, vp = frame_ids(frame)
-                description += f" (partition {partition}, VP {vp}); its thread is abandoned"
+            elif ids is not None:
+                # A decoded intercept: the stuck thread is the one that would apply a completion; none is sent.
+                self.stats.deadline_exceeded += 1
+            if ids is not None:
+                description += f" (partition {ids[0]}, VP {ids[1]}); its thread is abandoned"
             log.error("%s; ending the connection", description)
             try:
                 if out:
@@ -491,15 +537,20 @@ class Dispatcher:
             return
 
 
-def _current_frame(thread: int) -> bytes | None:
-    # The intercept the hung thread's engine call is handling, read from its stack.
+def _current_intercept(thread: int) -> tuple[bytes | None, tuple[int, int] | None]:
+    # The intercept the hung thread's engine call is handling, read from its stack: its frame (None for a decoded
+    # intercept, which has none: its thread is the one that would apply a completion, and it is stuck) and its
+    # partition and VP.
     stack: FrameType | None = sys._current_frames().get(thread)
     while stack is not None:
         if stack.f_code is _RECEIVE_CODE:
             frame = stack.f_locals.get("frame")
-            return frame if isinstance(frame, bytes) else None
+            return (frame, frame_ids(frame)) if isinstance(frame, bytes) else (None, None)
+        if stack.f_code is _ANSWER_PORT_CODE:
+            partition, vp = stack.f_locals.get("partition"), stack.f_locals.get("vp")
+            return None, (partition, vp) if isinstance(partition, int) and isinstance(vp, int) else None
         stack = stack.f_back
-    return None
+    return None, None
 
 
 def _name(transport: Transport) -> str:

@@ -9,7 +9,7 @@ from typing import ClassVar, TypeAlias
 
 from .guest import Guest
 
-__all__ = ["InlineAnswer", "Transport"]
+__all__ = ["DecodedAnswer", "InlineAnswer", "Transport"]
 
 InlineAnswer: TypeAlias = Callable[[Sequence[bytes]], list[bytes]]
 """What :meth:`Transport.start_inline` is given: frames received in, the completions ready now out.
@@ -18,6 +18,16 @@ It is called from the transport's own thread(s), one batch at a time per
 connection, and may block (it runs device code, and it waits while the
 dispatcher's bounds are exceeded). The transport sends what it returns at
 once, in order, on the calling thread.
+"""
+
+DecodedAnswer: TypeAlias = Callable[[int, int, int, int, bool, int, int], int | bytes | None]
+"""What :meth:`Transport.start_decoded` is given: ``answer(partition, vp, port, access_info, is_write, rax,
+next_rip)`` for an intercept the transport decoded itself, without building its frame.
+
+It returns what :meth:`dispatcher.Engine.answer_port` does: None (nothing
+ran: pass the frame to the inline answer instead), an int (the usual
+completion: for an IN, the value to merge into RAX) or a completion frame.
+Called like the inline answer: from the transport's own thread.
 """
 
 
@@ -38,6 +48,9 @@ class Transport(abc.ABC):
     - :attr:`answers_inline`: True when the transport can run synchronous
       handlers on its own thread where the frames arrive
       (:meth:`start_inline`), with no trip through the event loop.
+    - :attr:`answers_decoded`: True when, answering inline, the transport
+      can also hand over intercepts it has decoded itself
+      (:meth:`start_decoded`), skipping the frame in the common case.
     """
 
     stops_reading: ClassVar[bool] = False
@@ -45,6 +58,9 @@ class Transport(abc.ABC):
 
     answers_inline: ClassVar[bool] = False
     """True when :meth:`start_inline` is supported (see :meth:`start_inline`)."""
+
+    answers_decoded: ClassVar[bool] = False
+    """True when :meth:`start_decoded` is supported (see :meth:`start_decoded`)."""
 
     @property
     def guest(self) -> Guest | None:
@@ -85,6 +101,17 @@ class Transport(abc.ABC):
         :attr:`answers_inline` is True.
         """
         raise NotImplementedError(f"{type(self).__name__} does not answer inline")
+
+    def start_decoded(self, answer: DecodedAnswer) -> None:
+        """Besides :meth:`start_inline`'s answer, hand decoded intercepts to ``answer`` first.
+
+        Called once, from the event loop, after :meth:`start_inline` and
+        before the first :meth:`receive_batch`, when nothing needs to see
+        every frame. Where ``answer`` returns None the transport builds the
+        frame and calls the inline answer as usual. Raises
+        ``NotImplementedError`` unless :attr:`answers_decoded` is True.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not answer decoded intercepts")
 
     async def __aenter__(self) -> Transport:
         return self

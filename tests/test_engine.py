@@ -379,3 +379,52 @@ def test_an_observer_sees_the_completions_of_async_jobs_and_abandoned_intercepts
         ("completion", 0x01),
         ("completion", 0xFF),
     ]
+
+
+@given(frames_strategy)
+def test_a_decoded_answer_matches_the_frame_s_completion(accesses: list[tuple[int, int, bool, int, int]]) -> None:
+    """Engine.answer_port gives what receive gives the same intercept as a frame, or None before any handler ran."""
+
+    def make_router(calls: list[int]) -> Router:
+        router = Router()
+
+        def read(access: PortAccess) -> int | None:
+            calls.append(access.port)
+            if access.port == 0x103:
+                raise RuntimeError("broken register")
+            return None if access.port == 0x102 else 0x1234_5678_9ABC + access.offset  # None: not a value
+
+        router.add(read, 0x100, 4)
+        router.add(lambda a: 0xCD, 0x105, 2, max_size=1)
+        return router
+
+    decoded_calls: list[int] = []
+    framed_calls: list[int] = []
+    decoded, framed = Engine(make_router(decoded_calls)), Engine(make_router(framed_calls))
+    for port, size, write, rax, vp in accesses:
+        message_ = message(port, size, write=write, rax=rax, vp=vp)
+        (completion,), _ = framed.receive([message_.to_bytes()])
+        next_rip = decode_completion(completion).rip
+        before = len(decoded_calls)
+        got = decoded.answer_port(0, vp, port, size, write, rax, next_rip)
+        if got is None:
+            assert len(decoded_calls) == before  # nothing ran
+            (completion,), _ = decoded.receive([message_.to_bytes()])
+            continue
+        if isinstance(got, bytes):
+            assert got == completion
+            continue
+        expected = decode_completion(completion)
+        assert expected.status is Status.COMPLETED and expected.rip == next_rip
+        if not write:
+            assert reference_in_merge(rax, size, got) == expected.rax
+    assert decoded_calls == framed_calls
+    assert decoded.stats.port_counts == framed.stats.port_counts
+
+
+def test_a_decoded_answer_is_declined_while_an_observer_wants_frames() -> None:
+    router = Router()
+    router.add(lambda a: 7, 0x60)
+    assert Engine(router).answer_port(0, 0, 0x60, 1, False, 0, 1) == 7
+    assert Engine(router, observer=_Log()).answer_port(0, 0, 0x60, 1, False, 0, 1) is None
+    assert Engine(router, partition=3).answer_port(0, 0, 0x60, 1, False, 0, 1) is None

@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from dispatcher import BufferMemory, InlineAnswer
+from dispatcher import BufferMemory, DecodedAnswer, InlineAnswer
 from dispatcher.wire import (
     COMPLETION,
     COMPLETION_PAYLOAD,
@@ -168,12 +168,16 @@ class VcpuHost(Protocol):
     """What a :class:`~transports.kvm.runner.VcpuRunner` needs from the loop side that drives it (a ``KvmTransport``).
 
     The runner's thread calls these; each must be safe from any thread.
-    :attr:`answer` is read once, when the thread starts.
+    :attr:`answer` and :attr:`answer_decoded` are read once, when the thread starts.
     """
 
     @property
     def answer(self) -> InlineAnswer | None:
         """The dispatcher's inline entry (frames in, completions ready now out), or None: intercepts go to the loop."""
+
+    @property
+    def answer_decoded(self) -> DecodedAnswer | None:
+        """The dispatcher's entry for decoded intercepts, tried before a frame is built; None: frames only."""
 
     @property
     def acknowledge(self) -> Callable[[VcpuRunner], int | None] | None:
@@ -346,6 +350,7 @@ class VcpuRunner:
         advanced, posting = self.out_rip_advanced, self.posting
         put = self.host.put
         answer = self.host.answer
+        answer_decoded = self.host.answer_decoded
         inline = answer is not None
         builder = self.builder
         assert builder is not None
@@ -426,10 +431,23 @@ class VcpuRunner:
                     if template is not None:
                         head, middle, tail, at, next_rip = template
                         rax = regs[0]
+                        self.intercepts += 1
+                        # First without a frame: the dispatcher answers the common case from these fields.
+                        decoded = (
+                            None
+                            if answer_decoded is None
+                            else answer_decoded(partition, vp_index, port, size, is_write, rax, next_rip)
+                        )
+                        if isinstance(decoded, int):
+                            if not is_write:
+                                store_value[size](m, data_offset, decoded)
+                            continue
                         record = new_capture(SimpleIo, (is_write, size, port, 1, at, next_rip, regs))
                         in_flight.append(record)
-                        self.intercepts += 1
-                        completions = answer((pack_frame(head, regs[17], middle, rax, tail),))  # type: ignore[misc]
+                        if decoded is not None:
+                            completions = [decoded]
+                        else:
+                            completions = answer((pack_frame(head, regs[17], middle, rax, tail),))  # type: ignore[misc]
                         if self.abandoned:
                             raise _Abandoned
                         # One completion of the usual size (else ValueError or struct.error) for this record, the

@@ -43,6 +43,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import anyio
 
 from dispatcher import (
+    DecodedAnswer,
     FrameError,
     Guest,
     InlineAnswer,
@@ -133,6 +134,7 @@ class KvmTransport(Transport):
 
     stops_reading: ClassVar[bool] = True
     answers_inline: ClassVar[bool] = True
+    answers_decoded: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -162,6 +164,7 @@ class KvmTransport(Transport):
         self.via_loop = 0
         """Completions received with :meth:`send_batch` (from the event loop)."""
         self.answer: InlineAnswer | None = None
+        self.answer_decoded: DecodedAnswer | None = None
         """The dispatcher's inline entry once :meth:`start_inline` has been called, else None."""
         self._queue: ThreadToLoop[tuple[VcpuRunner, Any]] = ThreadToLoop(handoff, batch=POSTED_BATCH)
         self._runners = {
@@ -273,6 +276,12 @@ class KvmTransport(Transport):
         if self._started:
             raise KvmError("start_inline() must come before the vCPUs start (the first receive_batch())")
         self.answer = answer
+
+    def start_decoded(self, answer: DecodedAnswer) -> None:
+        """From now on each vCPU thread offers an IN or OUT it waits for to ``answer`` before building its frame."""
+        if self._started:
+            raise KvmError("start_decoded() must come before the vCPUs start (the first receive_batch())")
+        self.answer_decoded = answer
 
     async def receive_batch(self) -> list[bytes]:
         if self._closed:
