@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .announce import PortRange, decode_announcement, encode_announcement
+from .clock import NS_PER_SECOND, ClockError, Timed, Timer, VirtualClock, Watch, ns_from_seconds
 from .device_lock import Acquire, LockedSteps
 from .device_state import (
     StateFields,
@@ -47,9 +48,10 @@ from .errors import (
 from .fields import Access, AccessInfo, AccessType, ExecutionState, SegmentAttributes, SegmentRegister
 from .guest import Guest, SegmentSource, Translate, identity_translation
 from .guest_memory import BufferMemory, GuestMemory, MemoryFault, MemoryRegion
-from .irq import NO_RECEIVER, IrqEvent, IrqLine, IrqReceiver, IrqRecorder
+from .irq import NO_RECEIVER, IrqEvent, IrqLine, IrqReceiver, IrqRecorder, IrqWaitTimeout
 from .message import IoPortInterceptMessage, decode_message
 from .port_io import Job, Step
+from .qemu_log import QemuLogError, read_qemu_log
 from .router import BulkAccess, BulkClaim, BulkHandler, Claim, Handler, PortAccess, Router, on_bulk, on_port
 from .stats import EngineStats
 from .string_plan import DEFAULT_MAX_ELEMENTS, UnsupportedReason
@@ -82,6 +84,7 @@ __all__ = [
     "DEFAULT_MAX_ELEMENTS",
     "IO_PORT_INTERCEPT",
     "NO_RECEIVER",
+    "NS_PER_SECOND",
     "PROTOCOL_VERSION",
     "REGION",
     "UNKNOWN_VP",
@@ -95,6 +98,7 @@ __all__ = [
     "BulkClaim",
     "BulkHandler",
     "Claim",
+    "ClockError",
     "Completion",
     "DecodedAnswer",
     "DispatchError",
@@ -118,6 +122,7 @@ __all__ = [
     "IrqLine",
     "IrqReceiver",
     "IrqRecorder",
+    "IrqWaitTimeout",
     "Job",
     "LockedSteps",
     "MemoryFault",
@@ -125,6 +130,7 @@ __all__ = [
     "OverlappingClaimError",
     "PortAccess",
     "PortRange",
+    "QemuLogError",
     "Registers",
     "Router",
     "RoutingError",
@@ -139,12 +145,16 @@ __all__ = [
     "StatefulDevice",
     "Status",
     "Step",
+    "Timed",
+    "Timer",
     "Translate",
     "Transport",
     "TransportClosedError",
     "TransportError",
     "UnknownMessageTypeError",
     "UnsupportedReason",
+    "VirtualClock",
+    "Watch",
     "decode_announcement",
     "decode_completion",
     "decode_io_instruction",
@@ -157,9 +167,11 @@ __all__ = [
     "identity_translation",
     "load_state",
     "message_type",
+    "ns_from_seconds",
     "on_bulk",
     "on_port",
     "owned_by",
+    "read_qemu_log",
     "reset_devices",
     "restore_device",
     "restore_devices",

@@ -20,8 +20,22 @@ until it completes, as a VMM does::
         vp.rdi, vp.rcx = 0x8000, 256
         await vp.insw(0x1F0, rep=True)  # one sector into 0x8000..0x81FF
 
+Time stands still in a partition: its ``clock`` is a
+:class:`~dispatcher.clock.VirtualClock`, which the devices are built with and
+which moves only when the test moves it, running every timer and watched
+device poll that falls due on the way, under the dispatcher's device lock::
+
+    clock = VirtualClock()
+    pc = build_pc(clock=clock)
+    clock.watch(pc)  # polled at every pc.next_due()
+    async with FakePartition(pc.router, clock=clock) as partition:
+        vp = partition.vp(0)
+        await vp.outb(0x43, 0x34)  # PIT channel 0, mode 2 ...
+        partition.advance(1_000_000)  # ... and 1 ms of guest time passes
+
 With the package installed, pytest gets the fixtures ``fake_partition`` and
-``fake_vp``, built from a ``router`` fixture that the test module supplies.
+``fake_vp``, built from a ``router`` fixture that the test module supplies,
+and ``virtual_clock``, the partition's clock.
 """
 
 from __future__ import annotations
@@ -55,6 +69,7 @@ from dispatcher import (
     encode_io_instruction,
     identity_translation,
 )
+from dispatcher.clock import VirtualClock
 
 from .conformance import check_transport
 from .memory import memory_transport_pair
@@ -328,6 +343,12 @@ class FakePartition:
     guest's page tables map every address to itself; None means no hook);
     ``max_elements`` bounds the elements one intercept moves. The dispatcher
     learns SS, FS and GS from the VPs' attributes.
+
+    ``clock`` is the devices' time (by default a new
+    :class:`~dispatcher.clock.VirtualClock` at 0); a clock without a lock
+    gets the dispatcher's device lock, so its timers and polls run as
+    handlers do. :meth:`advance`, :meth:`advance_to` and
+    :meth:`advance_to_next_deadline` move it holding that lock.
     """
 
     def __init__(
@@ -342,6 +363,7 @@ class FakePartition:
         memory: GuestMemory | None = None,
         translate: Translate | None = identity_translation,
         max_elements: int = DEFAULT_MAX_ELEMENTS,
+        clock: VirtualClock | None = None,
     ) -> None:
         self.router = router
         self.partition_id = partition_id
@@ -353,6 +375,11 @@ class FakePartition:
         elif memory is not None and (dispatcher.guest is None or memory is not dispatcher.guest.memory):
             raise ValueError("give the guest memory to the Dispatcher you pass")
         self.dispatcher = dispatcher
+        if clock is None:
+            clock = VirtualClock()
+        if clock.lock is None:
+            clock.lock = dispatcher.lock
+        self.clock = clock
         self.memory = dispatcher.guest.memory if dispatcher.guest is not None else None
         self._vps: dict[int, FakeVP] = {}
         self._waiting: dict[int, tuple[anyio.Event, list[Completion]]] = {}
@@ -365,6 +392,21 @@ class FakePartition:
         if vp is None:
             vp = self._vps[index] = FakeVP(self, index, mode or self.mode)
         return vp
+
+    def advance(self, ns: int) -> None:
+        """Move ``clock`` ``ns`` nanoseconds on, running what falls due, holding the device lock."""
+        with self.dispatcher.lock:
+            self.clock.advance(ns)
+
+    def advance_to(self, when_ns: int) -> None:
+        """Move ``clock`` to ``when_ns``, running what falls due, holding the device lock."""
+        with self.dispatcher.lock:
+            self.clock.advance_to(when_ns)
+
+    def advance_to_next_deadline(self) -> int | None:
+        """Move ``clock`` to its next deadline (holding the device lock); return it, or None if nothing is due."""
+        with self.dispatcher.lock:
+            return self.clock.advance_to_next_deadline()
 
     def _segment(self, partition: int, vp_index: int, segment: Segment) -> SegmentRegister | None:
         vp = self._vps.get(vp_index)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from dispatcher import BufferMemory, IrqRecorder, Router
+from dispatcher.clock import NS_PER_SECOND, VirtualClock, ns_from_seconds
 from examples.pc_devices import PC, build_pc
 from transports.testing import CpuMode, FakePartition, FakeVP
 
@@ -19,14 +20,6 @@ pytestmark = pytest.mark.anyio
 
 MiB = 1 << 20
 SECTORS = 2048
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Events:
@@ -47,12 +40,17 @@ def events() -> Events:
 
 
 @pytest.fixture
+def clock() -> VirtualClock:
+    return VirtualClock(start_ns=1000 * NS_PER_SECOND)
+
+
+@pytest.fixture
 def intr() -> IrqRecorder:
     return IrqRecorder()
 
 
 @pytest.fixture
-def pc(events: Events, intr: IrqRecorder) -> PC:
+def pc(events: Events, intr: IrqRecorder, clock: VirtualClock) -> PC:
     disk = bytearray(SECTORS * 512)
     disk[510:512] = b"\x55\xaa"
     return build_pc(
@@ -60,7 +58,7 @@ def pc(events: Events, intr: IrqRecorder) -> PC:
         disk=disk,
         serial_sink=events.serial.extend,
         debug_sink=events.debug.extend,
-        clock=Clock(),
+        clock=clock,
         intr=intr.line(0, "INTR"),
         on_exit=events.exits.append,
         on_reset=events.reset,
@@ -304,14 +302,12 @@ def test_claims_and_memory_fields() -> None:
         build_pc(memory_size=1000)
 
 
-def test_poll_and_next_due(pc: PC) -> None:
+def test_poll_and_next_due(pc: PC, clock: VirtualClock) -> None:
     """The machine loop's side: next_due says when the PIT's channel 0 next changes OUT; poll at that time
     moves IRQ 0, and the PIC latches the rising edge in IRR."""
-    clock = pc.pit.clock
-    assert isinstance(clock, Clock)
+    clock.watch(pc)  # polls the PC at each next_due(), as a machine loop does
     for _ in range(2):  # OUT starts high in mode 3: falls, then rises
         due = pc.next_due()
-        assert due is not None and due >= clock.now  # the PIT runs at power-up
-        clock.now = due
-        pc.poll()
+        assert due is not None and due >= clock()  # the PIT runs at power-up
+        assert clock.advance_to_next_deadline() == ns_from_seconds(due)
     assert pc.pit.irq.level and pc.pic.master.irr & 1
