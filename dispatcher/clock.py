@@ -28,7 +28,7 @@ import itertools
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from .errors import DispatchError
 
@@ -36,6 +36,7 @@ __all__ = [
     "MAX_FIRINGS_PER_INSTANT",
     "NS_PER_SECOND",
     "ClockError",
+    "SteppedClock",
     "Timed",
     "Timer",
     "VirtualClock",
@@ -51,6 +52,17 @@ MAX_FIRINGS_PER_INSTANT = 10_000
 
 class ClockError(DispatchError):
     """The virtual clock cannot go on: it was advanced from inside its own callback, or time stopped moving."""
+
+
+@runtime_checkable
+class SteppedClock(Protocol):
+    """A clock read in nanoseconds and moved forward by its owner: a :class:`VirtualClock`, as recording and
+    replay see it."""
+
+    @property
+    def now_ns(self) -> int: ...
+
+    def advance_to(self, when_ns: int) -> object: ...
 
 
 class Timed(Protocol):

@@ -13,6 +13,9 @@ the exit device's when the guest writes it (isa-debug-exit at 0x501:
 stopped, a usage error, a BIOS or service that cannot be used).
 ``--backend unix:PATH`` forwards every intercept to a ``python -m examples
 serve`` listening at PATH with the PC's devices, guest RAM shared with it.
+``--record FILE`` writes a trace of the run (docs/TRACE_FORMAT.md) that
+``intercept-dispatch replay FILE`` repeats against fresh devices
+(:func:`replay_machine`).
 """
 
 from __future__ import annotations
@@ -34,9 +37,19 @@ from transports.kvm.snapshot import IncompatibleSnapshotError, Snapshot, save_sn
 from transports.service.command_line import CommandParser, seconds
 
 from .pc_devices import PC
-from .pc_kvm import MiB, PcConfig, PcResult, run_pc
+from .pc_kvm import MiB, PcConfig, PcResult, ReplayPc, replay_machine, run_pc
 
-__all__ = ["EXIT_STATUSES", "FAILED", "INTERRUPTED", "MACHINE_KIND", "SEEN", "TIMED_OUT", "main"]
+__all__ = [
+    "EXIT_STATUSES",
+    "FAILED",
+    "INTERRUPTED",
+    "MACHINE_KIND",
+    "SEEN",
+    "TIMED_OUT",
+    "ReplayPc",
+    "main",
+    "replay_machine",
+]
 
 PROG = "python -m examples.pc"
 SEEN, FAILED, TIMED_OUT, INTERRUPTED = 0, 2, 124, 130
@@ -155,6 +168,13 @@ def _parser() -> CommandParser:
         help="with --restore: check the snapshot's memory against its CRC-32s as it is read (costs about a copy)",
     )
     parser.add_argument("--no-posted-writes", action="store_true", help="every OUT waits for its completion")
+    parser.add_argument(
+        "--record",
+        metavar="FILE",
+        type=Path,
+        help="write a trace of every intercept and what else moved the devices to FILE (.gz: compressed), for "
+        "intercept-dispatch replay FILE; the devices then run on a virtual clock that follows real time",
+    )
     return parser
 
 
@@ -322,6 +342,11 @@ def _check_options(parser: CommandParser, args: argparse.Namespace) -> None:
         parser.error("--memory is the snapshot's with --restore")
     if args.verify and args.restore is None:
         parser.error("--verify checks the snapshot --restore reads: give --restore FILE")
+    if args.record is not None:
+        if args.restore is not None:
+            parser.error("--record starts from a fresh PC: leave out --restore")
+        if args.backend != "inproc":
+            parser.error("--record records devices in this process: with a service, record there (serve --record)")
     if args.snapshot_on is not None:
         if args.until is not None:
             parser.error("--snapshot-on TEXT FILE already stops the PC at TEXT: leave out --until")
@@ -373,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         debug_sink=sink,
         posted_writes=not args.no_posted_writes,
         until=until.encode() if until else None,
+        record=str(args.record) if args.record is not None else None,
+        record_metadata={"bios": os.path.abspath(args.bios)} if args.bios is not None else {},
     )
     machine = {"kind": MACHINE_KIND, "memory_size": memory_size, "disk": args.disk is not None, "vcpus": 1,
                "devices": devices}  # fmt: skip

@@ -22,25 +22,51 @@ never run on two threads at once.
 It ends when the guest writes the exit device (``exit_status``), asks for a
 reset, the vCPU stops (triple fault, HLT with interrupts off, an error), or
 ``timeout`` seconds pass (:attr:`PcResult.reason` says which).
+
+Recording (``PcConfig.record``, a trace file path): the devices then run on
+a :class:`~dispatcher.VirtualClock` that follows the host's time, moved
+only where the trace says (each intercept's arrival, each pass of the
+machine loop), so that :func:`replay_machine` and the trace repeat the run
+exactly: the RTC's start time, RAM size and disk are in the trace's
+metadata, and every poll of the timers and every interrupt acknowledge
+cycle is recorded with the clock's time.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
 
-from dispatcher import Acquire, Dispatcher, IrqLine
+from dispatcher import Acquire, Dispatcher, Guest, IrqLine
 from transports.kvm import KvmTransport, StopReason, Vm
 
 from .ata import AtaDisk
 from .pc_devices import PC, build_pc
 
-__all__ = ["BIOS_TOP", "Outcome", "PcConfig", "PcResult", "TimeKeeper", "build_vm", "run_pc"]
+if TYPE_CHECKING:
+    from dispatcher import Recorder
+
+__all__ = [
+    "BIOS_TOP",
+    "REPLAY_MACHINE",
+    "Outcome",
+    "PcConfig",
+    "PcResult",
+    "ReplayPc",
+    "TimeKeeper",
+    "build_vm",
+    "replay_machine",
+    "run_pc",
+]
 
 MiB = 1 << 20
 BIOS_TOP = 1 << 32  # the BIOS ROM ends at 4 GiB; the reset vector is its last 16 bytes
@@ -65,6 +91,8 @@ class PcConfig:
     posted_writes: bool = True
     kvm_path: str = "/dev/kvm"
     until: bytes | None = None  # stop (successfully) once the console output contains this
+    record: str | None = None  # a trace file to record the run to (see the module docstring)
+    record_metadata: dict[str, Any] = field(default_factory=dict)  # more for the trace's metadata
 
 
 @dataclass
@@ -139,8 +167,10 @@ class TimeKeeper:
     MAX_OWED = 182  # about ten seconds of the BIOS's 18.2 Hz tick
     CATCH_UP = 0.001  # how soon to look again while ticks are owed
 
-    def __init__(self, pc: PC) -> None:
+    def __init__(self, pc: PC, clock: Callable[[], float] = time.monotonic) -> None:
         self.pc = pc
+        self.clock = clock
+        """The devices' clock (seconds): what :meth:`next_due` counts from."""
         self.owed = 0
 
     def poll(self) -> None:
@@ -162,22 +192,28 @@ class TimeKeeper:
         """When :meth:`poll` next has something to do (by the devices' clock), or None."""
         due = self.pc.next_due()
         if self.owed:
-            soon = time.monotonic() + self.CATCH_UP
+            soon = self.clock() + self.CATCH_UP
             due = soon if due is None else min(due, soon)
         return due
 
 
-async def _keep_time(keeper: TimeKeeper, interval: float, lock: threading.RLock) -> None:
+async def _keep_time(
+    keeper: TimeKeeper, interval: float, lock: threading.RLock, recorder: Recorder | None = None
+) -> None:
     # The devices have no threads: bring their interrupt lines up to date when they are due. Their handlers run
     # on the vCPU thread meanwhile, so this holds the VM's device lock (taken without blocking the event loop).
+    # Recording, the devices' virtual clock is first moved to the host's time, and the poll recorded at it.
     while True:
         await Acquire(lock, anyio.lowlevel.checkpoint)  # while a handler holds it, the loop runs
         try:
+            if recorder is not None:
+                recorder.catch_up()
+                recorder.clock_advanced()
             keeper.poll()
             due = keeper.next_due()
         finally:
             lock.release()
-        now = time.monotonic()
+        now = time.monotonic() if recorder is None else recorder.host_ns() / 1e9
         await anyio.sleep(interval if due is None else min(max(due - now, 0.0), interval))
 
 
@@ -217,13 +253,57 @@ class Outcome:
         return self.result
 
 
+class _RecordedKvmTransport(KvmTransport):
+    """The VM's vCPUs, with what string I/O reads and writes in guest memory recorded."""
+
+    def __init__(self, vm: Vm, recorder: Recorder, **options: Any) -> None:
+        super().__init__(vm, **options)
+        self._recorded_guest = recorder.guest(super().guest)
+
+    @property
+    def guest(self) -> Guest:
+        return self._recorded_guest
+
+
+REPLAY_MACHINE = "examples.pc:replay_machine"
+"""The factory a trace of this PC names for its replay (:func:`replay_machine`)."""
+
+
+def _recording_metadata(config: PcConfig, start_time: datetime) -> dict[str, Any]:
+    disk = os.path.abspath(config.disk) if isinstance(config.disk, str) else None
+    if isinstance(config.disk, bytearray):
+        raise ValueError("a PC recorded for replay takes its disk as an image path, not as bytes")
+    machine_args = {"memory_size": config.memory_size, "disk": disk, "start_time": start_time.isoformat()}
+    from dispatcher import new_metadata  # the recording machinery is loaded only by a run that records
+
+    return new_metadata(
+        "examples.pc", machine=REPLAY_MACHINE, machine_args=machine_args, clock="virtual", start_ns=0,
+        **config.record_metadata,
+    )  # fmt: skip
+
+
 async def run_pc(
     config: PcConfig, *, dispatcher_factory: Callable[[KvmTransport, PC], Dispatcher] | None = None
 ) -> PcResult:
     """Boot the PC and run it until it ends; see the module docstring."""
     outcome = Outcome(config)
     intr = IrqLine(name="INTR")
-    vm = build_vm(config)
+    recorder: Recorder | None = None
+    clock: Callable[[], float] = time.monotonic
+    start_time = datetime.now(UTC)
+    if config.record is not None:
+        from dispatcher import Recorder, TraceWriter, VirtualClock
+
+        virtual = VirtualClock()
+        clock = virtual
+        writer = TraceWriter(config.record, _recording_metadata(config, start_time))
+        recorder = Recorder(writer, clock=virtual, follow_real_time=True)
+    try:
+        vm = build_vm(config)
+    except BaseException:
+        if recorder is not None:
+            recorder.close()
+        raise
     with vm:
         disk = AtaDisk(config.disk) if config.disk is not None else None
         try:
@@ -232,20 +312,30 @@ async def run_pc(
                 disk=disk,
                 serial_sink=outcome.watch.wrap(config.serial_sink),
                 debug_sink=outcome.watch.wrap(config.debug_sink),
+                clock=clock,
+                start_time=start_time,
                 intr=intr,
                 on_exit=outcome.exited,
                 on_reset=outcome.reset,
             )
-            transport = outcome.transport = KvmTransport(
-                vm, posted_writes=config.posted_writes, interrupts=pc.pic, kvm_path=config.kvm_path
-            )
+            options: dict[str, Any] = {"posted_writes": config.posted_writes, "kvm_path": config.kvm_path}
+            if recorder is None:
+                transport = KvmTransport(vm, interrupts=pc.pic, **options)
+            else:
+                transport = _RecordedKvmTransport(vm, recorder, interrupts=recorder.interrupts(pc.pic), **options)
+            outcome.transport = transport
             intr.receiver, intr.line = transport, 0
             transport.set_irq(0, intr.level)
             dispatcher = dispatcher_factory(transport, pc) if dispatcher_factory is not None else Dispatcher(pc.router)
+            if recorder is not None:
+                if dispatcher.observer is not None:
+                    raise ValueError("a recorded PC's dispatcher already has an observer")
+                dispatcher.observer = recorder  # read when serve() makes the connection's engine
             # The interrupt acknowledge cycle (the PIC) runs on the vCPU thread: under the VM's device lock.
             transport.lock = dispatcher.lock
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_keep_time, TimeKeeper(pc), config.poll_interval, dispatcher.lock)
+                keeper = TimeKeeper(pc, clock)
+                tg.start_soon(_keep_time, keeper, config.poll_interval, dispatcher.lock, recorder)
                 with anyio.move_on_after(config.timeout if config.timeout is not None else float("inf")) as scope:
                     await dispatcher.serve(transport)
                 if scope.cancelled_caught:
@@ -255,4 +345,45 @@ async def run_pc(
         finally:
             if disk is not None:
                 disk.close()
+            if recorder is not None:
+                recorder.close()
     return outcome.done()
+
+
+class ReplayPc:
+    """The example PC as a replay drives it: its router, ``poll()`` (the machine loop's) and ``acknowledge()``."""
+
+    def __init__(self, pc: PC, keeper: TimeKeeper) -> None:
+        self.pc = pc
+        self.router = pc.router
+        self.keeper = keeper
+
+    def poll(self) -> None:
+        """What a pass of the machine loop does: bring the timers up to date, deliver an owed IRQ 0."""
+        self.keeper.poll()
+
+    def next_due(self) -> float | None:
+        return self.keeper.next_due()
+
+    def acknowledge(self) -> int | None:
+        """The vCPU's interrupt acknowledge cycle: the vector, or None if nothing is pending."""
+        pic = self.pc.pic
+        return pic.acknowledge() if pic.pending_vector() is not None else None
+
+
+def replay_machine(
+    clock: Callable[[], float],
+    *,
+    memory_size: int = 64 * MiB,
+    disk: str | None = None,
+    start_time: str | None = None,
+) -> ReplayPc:
+    """The PC a recorded run of :func:`run_pc` had, on ``clock``, for a replay of its trace.
+
+    The keyword arguments are the trace's ``machine_args``. The disk image
+    is read into memory: a replay never writes the file.
+    """
+    image = AtaDisk(bytearray(Path(disk).read_bytes())) if disk is not None else None
+    when = datetime.fromisoformat(start_time) if start_time is not None else None
+    pc = build_pc(memory_size=memory_size, disk=image, clock=clock, start_time=when)
+    return ReplayPc(pc, TimeKeeper(pc, clock))

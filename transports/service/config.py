@@ -36,6 +36,7 @@ __all__ = [
     "ServiceConfig",
     "argument_parser",
     "config_from_arguments",
+    "record_path",
 ]
 
 EXIT_STOPPED, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -82,6 +83,7 @@ class ServiceConfig:
     user: str | None = None
     seccomp: bool = True
     state_dir: str | None = None
+    record: str | None = None
 
     def sandbox_limits(self) -> SandboxLimits:
         """What each worker process's sandbox enforces (:mod:`.sandbox`)."""
@@ -270,6 +272,35 @@ def _state_directory(value: object) -> str:
     return path
 
 
+def _record_path(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{value!r} is not a file path")
+    path = os.path.abspath(os.path.expanduser(value))
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise ValueError(f"{value}: the directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"{value}: this user (uid {os.getuid()}) cannot write in {directory}")
+    return path
+
+
+def record_path(base: str, vm: int, attempt: int = 0) -> str:
+    """Where ``serve --record BASE`` records VM ``vm``: ``.vm<ID>`` inserted before BASE's suffix.
+
+    ``run.trace`` gives ``run.vm3.trace`` (``run.trace.gz``: ``run.vm3.trace.gz``, compressed;
+    ``run``: ``run.vm3``); a later ``attempt`` (the name was taken: a worker restarted for the VM,
+    a VM made again after a RELEASE, an earlier run's file) gives ``run.vm3-2.trace``, then ``-3`` ...
+    """
+    directory, name = os.path.split(base)
+    gz = ".gz" if name.endswith(".gz") and len(name) > 3 else ""
+    name = name.removesuffix(gz)
+    stem, dot, suffix = name.rpartition(".")
+    if not stem:
+        stem, dot, suffix = name, "", ""
+    label = f"vm{vm}" if attempt == 0 else f"vm{vm}-{attempt + 1}"
+    return os.path.join(directory, f"{stem}.{label}{dot}{suffix}{gz}")
+
+
 def _flag(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{value!r} is not true or false")
@@ -303,6 +334,7 @@ _CHECKS: dict[str, Callable[[object], object]] = {
     "user": _string,
     "seccomp": _flag,
     "state_dir": _state_directory,
+    "record": _record_path,
 }
 assert set(_CHECKS) == {f.name for f in fields(ServiceConfig)}
 
@@ -370,6 +402,13 @@ def argument_parser(*, has_default_devices: bool) -> CommandParser:
         metavar="DIR",
         help="keep each VM's device state here: saved to DIR/vm-<id>.json when the service stops, "
         "restored when the VM next connects",
+    )
+    parser.add_argument(
+        "--record",
+        type=_option(_record_path),
+        metavar="FILE",
+        help="record every VM's intercepts and completions to a trace file of its own: FILE with .vm<ID> before "
+        "its suffix (run.trace: run.vm3.trace; .gz compresses); see intercept-dispatch trace dump",
     )
     parser.add_argument("--config", metavar="FILE", help="a TOML file of these settings (options given here win)")
     where = parser.add_mutually_exclusive_group()
@@ -547,6 +586,7 @@ def config_from_arguments(args: argparse.Namespace) -> ServiceConfig:
             "user",
             "seccomp",
             "state_dir",
+            "record",
         )
         if getattr(args, name) is not None
     }

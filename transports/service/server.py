@@ -32,6 +32,7 @@ import anyio.abc
 
 from dispatcher import DispatchError, Router
 from dispatcher.hello import Hello, HelloStatus
+from dispatcher.recorder import Recorder
 
 from ..fdstream import FdStreamTransport
 from ..pipe import stdio_transport
@@ -67,6 +68,7 @@ from .worker import (
     configure_logging,
     describe_ports,
     failure_kind,
+    open_recording,
 )
 
 __all__ = ["LOG_FORMAT", "Service", "ServiceStartError", "configure_logging", "failure_kind", "main", "run"]
@@ -102,6 +104,9 @@ class Service(Front):
         max_regions: int = MAX_REGIONS,
         max_guest_memory: int = MAX_BYTES,
         state_dir: str | None = None,
+        record: str | None = None,
+        devices: Sequence[str] = (),
+        device_paths: Sequence[str] = (),
     ) -> None:
         super().__init__(allow_uid=allow_uid, grace=grace, limits=limits, info=info)
         self.make_router = make_router
@@ -111,6 +116,11 @@ class Service(Front):
         self.state_dir = state_dir
         """``serve --state-dir``: each VM's state is saved here by :meth:`save_states` and restored on its first
         connection (None: not kept)."""
+        self.record = record
+        """``serve --record``: the trace file each VM records to, the VM's id put in its name (None: none)."""
+        self.recorders: list[Recorder] = []
+        """Every VM's recorder, closed when the service stops (:meth:`close_recordings`)."""
+        self._recorded_devices = (tuple(devices), tuple(device_paths))
         self.vms: dict[int, VmDevices] = {}
         """The VMs served so far, by id."""
         self.owners: dict[int, int] = {}
@@ -120,6 +130,11 @@ class Service(Front):
         """VM ``vm``'s devices and dispatcher, made (the device factories called) on first use."""
         devices = self.vms.get(vm)
         if devices is None:
+            recorder = None
+            if self.record is not None:
+                specs, paths = self._recorded_devices
+                recorder = open_recording(self.record, vm, devices=specs, device_paths=paths)
+                self.recorders.append(recorder)
             devices = VmDevices(
                 vm,
                 self.make_router,
@@ -127,6 +142,7 @@ class Service(Front):
                 grace=self.grace,
                 max_regions=self.max_regions,
                 max_guest_memory=self.max_guest_memory,
+                recorder=recorder,
             )
             self._restore(devices)
             self.vms[vm] = devices
@@ -158,8 +174,16 @@ class Service(Front):
         log.error("VM %d: %s; move the file away to start it from reset", devices.vm, failure)
         raise failure
 
+    def close_recordings(self) -> None:
+        """Close every VM's trace file (``serve --record``), each with its end record."""
+        for recorder in self.recorders:
+            recorder.close()
+
     def _released(self, vm: int) -> None:
         # After a RELEASE: the VM is forgotten, with its saved state; its next connection starts from reset.
+        released = self.vms.get(vm)
+        if released is not None and released.recorder is not None:
+            released.recorder.flush()  # closed when the service stops: connections may still be finishing
         self.vms.pop(vm, None)
         self.owners.pop(vm, None)
         if self.state_dir is not None:
@@ -347,6 +371,7 @@ def worker_settings(config: ServiceConfig) -> WorkerSettings:
         max_regions=config.max_regions,
         max_guest_memory=config.max_guest_memory,
         state_dir=config.state_dir,
+        record=config.record,
     )
 
 
@@ -408,6 +433,9 @@ async def run(config: ServiceConfig, loader: DeviceLoader | None = None) -> int:
             max_regions=config.max_regions,
             max_guest_memory=config.max_guest_memory,
             state_dir=config.state_dir,
+            record=config.record,
+            devices=config.devices,
+            device_paths=config.device_paths,
         )
     else:
         service = Supervisor(
@@ -443,6 +471,7 @@ async def run(config: ServiceConfig, loader: DeviceLoader | None = None) -> int:
             if metrics is not None:
                 await metrics.aclose()
     if isinstance(service, Service):
+        service.close_recordings()
         if not service.forced:
             service.save_states()
         log.info("stopped; stats: %s", await service.stats_line())

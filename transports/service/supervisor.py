@@ -166,6 +166,8 @@ class WorkerSettings:
     max_guest_memory: int = MAX_BYTES
     state_dir: str | None = None
     """``serve --state-dir``: where each VM's device state is kept across restarts (None: it is not)."""
+    record: str | None = None
+    """``serve --record``: the trace file each VM's worker records to, the VM's id put in its name (None: none)."""
 
     def start_message(self, vm: int, *, probe: bool = False) -> dict[str, Any]:
         """The ``start`` message of a worker for VM ``vm`` (``probe``: load the devices, answer, exit)."""
@@ -183,6 +185,7 @@ class WorkerSettings:
             "max_regions": self.max_regions,
             "max_guest_memory": self.max_guest_memory,
             "save_on_stop": self.state_dir is not None and not probe,
+            "record": None if probe else self.record,
         }
 
 

@@ -52,12 +52,15 @@ from dispatcher import (
 from dispatcher.guest import Guest
 from dispatcher.hello import Capability
 from dispatcher.lifecycle import Assembler, LifecycleReply, LifecycleRequest, LifecycleStatus, Verb, encode_reply
+from dispatcher.recorder import Recorder
+from dispatcher.trace import TraceWriter, new_metadata
 from dispatcher.transport import InlineAnswer
 from dispatcher.wire import LIFECYCLE_REQUEST, Offset, frame_ids, message_type
 
 from ..latency import LatencySamples
 from ..shared_memory import MAX_BYTES, MAX_REGIONS, RegionBudget, with_shared_memory
 from ..unix import UnixTransport
+from .config import record_path
 from .devices import DeviceLoader, add_device_paths
 from .metrics import instrument
 from .opening import accept
@@ -79,6 +82,7 @@ __all__ = [
     "describe_ports",
     "failure_kind",
     "main",
+    "open_recording",
 ]
 
 log = logging.getLogger("intercept_dispatch.service")
@@ -236,9 +240,10 @@ class LifecycleTransport(Transport):
     dispatcher's loop (through :meth:`receive_batch`) on RESUME.
     """
 
-    def __init__(self, transport: Transport, lifecycle: VmLifecycle) -> None:
+    def __init__(self, transport: Transport, lifecycle: VmLifecycle, *, recorder: Recorder | None = None) -> None:
         self.transport = transport
         self.lifecycle = lifecycle
+        self.recorder = recorder
         self.name = str(getattr(transport, "name", "a connection"))
         # What the dispatcher asks of a transport, as the one wrapped has it.
         vars(self).update(stops_reading=transport.stops_reading, answers_inline=transport.answers_inline)
@@ -254,8 +259,9 @@ class LifecycleTransport(Transport):
 
     @property
     def guest(self) -> Guest | None:
-        """The wrapped transport's guest memory."""
-        return self.transport.guest
+        """The wrapped transport's guest memory (what string I/O reads and writes there recorded, with ``recorder``)."""
+        guest = self.transport.guest
+        return guest if guest is None or self.recorder is None else self.recorder.guest(guest)
 
     def wake(self) -> None:
         """Hand the held intercepts to the loop (after RESUME); from any thread."""
@@ -438,6 +444,33 @@ class LifecycleTransport(Transport):
         await self.transport.aclose()
 
 
+def open_recording(base: str, vm: int, *, devices: Sequence[str], device_paths: Sequence[str] = ()) -> Recorder:
+    """A recorder of VM ``vm`` for ``serve --record BASE``, writing a new file (:func:`.config.record_path`).
+
+    Never overwrites: a name already taken moves on to the next attempt's.
+    The devices run on real time, so the metadata says ``clock: real``.
+    """
+    metadata = new_metadata(
+        "serve",
+        machine=devices[0] if len(devices) == 1 else None,
+        partition=vm,
+        clock="real",
+        devices=list(devices),
+        device_paths=list(device_paths),
+    )
+    for attempt in range(1000):
+        path = record_path(base, vm, attempt)
+        try:
+            writer = TraceWriter(path, metadata, exclusive=True)
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise ValueError(f"cannot record to {path}: {error.strerror or error}") from None
+        log.info("VM %d: recording to %s", vm, path)
+        return Recorder(writer)
+    raise OSError(f"{record_path(base, vm)}: 1000 recordings of VM {vm} exist already")
+
+
 class VmDevices:
     """One VM's devices and dispatcher: the router ``make_router`` makes (called once here), counted per handler.
 
@@ -445,6 +478,7 @@ class VmDevices:
     must carry it. ``on_hung`` is called (with a description) when a
     synchronous handler hangs past ``deadline``. ``max_regions`` and
     ``max_guest_memory`` bound the guest memory the VM's connections may map.
+    ``recorder`` (``serve --record``) records everything the VM's devices are asked.
     """
 
     def __init__(
@@ -457,6 +491,7 @@ class VmDevices:
         on_hung: Callable[[str], None] | None = None,
         max_regions: int = MAX_REGIONS,
         max_guest_memory: int = MAX_BYTES,
+        recorder: Recorder | None = None,
     ) -> None:
         self.vm = vm
         self.router = make_router()
@@ -465,6 +500,9 @@ class VmDevices:
         options: dict[str, Any] = {}
         if on_hung is not None and _accepts(Dispatcher, "on_hung"):
             options["on_hung"] = on_hung
+        self.recorder = recorder
+        if recorder is not None:
+            options["observer"] = recorder
         self.dispatcher = Dispatcher(served, deadline=deadline, **options)
         self.grace = grace
         self.cutoff = grace
@@ -553,7 +591,9 @@ class VmDevices:
                 log.debug("%s: serving VM %d", name, self.vm)
                 transport.latency = self.latency
                 served = LifecycleTransport(
-                    with_shared_memory(transport, self.budget, lock=self.dispatcher.lock), self.lifecycle
+                    with_shared_memory(transport, self.budget, lock=self.dispatcher.lock),
+                    self.lifecycle,
+                    recorder=self.recorder,
                 )
                 if self._serve_partition:
                     await self.dispatcher.serve(served, partition=self.vm)
@@ -640,6 +680,12 @@ class _Worker:
         add_device_paths(self.settings.get("device_paths", []))
         loader = DeviceLoader(self.settings["devices"], allow_shared=False)
         grace = float(self.settings.get("grace", 5.0))
+        record = self.settings.get("record")
+        recorder = None
+        if isinstance(record, str):
+            recorder = open_recording(
+                record, self.vm_id, devices=self.settings["devices"], device_paths=self.settings.get("device_paths", [])
+            )
         vm = VmDevices(
             self.vm_id,
             loader.router,
@@ -648,6 +694,7 @@ class _Worker:
             on_hung=self.hung,
             max_regions=int(self.settings.get("max_regions", MAX_REGIONS)),
             max_guest_memory=int(self.settings.get("max_guest_memory", MAX_BYTES)),
+            recorder=recorder,
         )
         # The supervisor kills a worker still running ``grace`` seconds after telling it to stop:
         # cut the connections off a little earlier, so that they close cleanly and say why.
@@ -674,6 +721,10 @@ class _Worker:
     def hung(self, what: str) -> None:
         # Called where the watchdog runs; the worker cannot trust its devices any more.
         log.error("%s; this worker exits so that a new one serves the VM's next connection", what)
+        if self.vm is not None and self.vm.recorder is not None:
+            # The trace ends with the intercept that hung (no end record: the worker did not stop cleanly).
+            with contextlib.suppress(Exception):
+                self.vm.recorder.flush()
         for handler in logging.getLogger().handlers:
             with contextlib.suppress(Exception):
                 handler.flush()
@@ -822,7 +873,11 @@ async def _serve(channel: Channel, message: dict[str, Any], *, probe: bool, vm: 
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(flush_summaries)
-        await worker.serve()
+        try:
+            await worker.serve()
+        finally:
+            if worker.vm.recorder is not None:
+                worker.vm.recorder.close()
         tg.cancel_scope.cancel()
     channel.close()
     return 0
