@@ -18,7 +18,7 @@ import os
 import sys
 
 # Sections in the order they run; each is bench/<name>.py.
-SECTIONS = ["core", "strings", "service", "isolation", "kvm", "snapshot"]
+SECTIONS = ["core", "strings", "replay", "service", "isolation", "kvm", "snapshot"]
 
 
 def main() -> int:

@@ -1,4 +1,5 @@
-"""The ``intercept-dispatch`` command (also ``python -m examples``): demo, serve, poke, stats and inspect.
+"""The ``intercept-dispatch`` command (also ``python -m examples``): demo, serve, poke, stats, inspect, trace,
+replay and minimize.
 
 This is the application layer: it joins the service in
 :mod:`transports.service` to the bundled example devices, which ``serve``
@@ -119,12 +120,33 @@ def _inspect(argv: list[str]) -> int:
     return inspect_main(argv)
 
 
+def _trace(argv: list[str]) -> int:
+    from transports.testbench.trace_command import main as trace_main
+
+    return trace_main(argv)
+
+
+def _replay(argv: list[str]) -> int:
+    from transports.testbench.replay_command import main as replay_main
+
+    return replay_main(argv)
+
+
+def _minimize(argv: list[str]) -> int:
+    from transports.testbench.minimize_command import main as minimize_main
+
+    return minimize_main(argv)
+
+
 # The commands that parse their own options (see their --help): their arguments are passed on untouched.
 _SERVICE_COMMANDS: tuple[tuple[str, str, Callable[[list[str]], int]], ...] = (
     ("serve", "run the device backend service (by default with the example PC's devices)", _serve),
     ("poke", "send one port access to a running service", _poke),
     ("stats", "a running service's counts and latency, per device and VM", _stats),
     ("inspect", "a running service's devices and their registers", _inspect),
+    ("trace", "look into a recorded trace file (trace dump FILE)", _trace),
+    ("replay", "replay a trace or QEMU log against fresh devices and compare every answer", _replay),
+    ("minimize", "shrink a failing trace to the few intercepts that still fail the same way", _minimize),
 )
 
 
@@ -132,13 +154,14 @@ def _parser() -> CommandParser:
     parser = CommandParser(
         prog="intercept-dispatch",
         description="Device models for I/O port intercepts: run the demo guest, serve the devices to VMMs "
-        "over a UNIX socket, send one port access to a running service, or ask it for its statistics and "
-        "devices.\n\n"
+        "over a UNIX socket, send one port access to a running service, ask it for its statistics and "
+        "devices, or replay and minimize recorded traces.\n\n"
         "  intercept-dispatch demo\n"
         "  intercept-dispatch serve --socket /tmp/dispatch.sock\n"
         "  intercept-dispatch poke --socket /tmp/dispatch.sock inb 0x60\n"
         "  intercept-dispatch stats --socket /tmp/dispatch.sock\n"
-        "  intercept-dispatch inspect --socket /tmp/dispatch.sock\n\n"
+        "  intercept-dispatch inspect --socket /tmp/dispatch.sock\n"
+        "  intercept-dispatch replay run.trace\n\n"
         "Each command has its own --help.",
         exit_statuses=COMMAND_STATUSES,
     )

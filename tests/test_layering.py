@@ -1,8 +1,9 @@
 """The architecture's rules, checked from the code's imports (docs/ARCHITECTURE.md lists them).
 
 Layers, from the top: the application (examples/, the command line), the
-service (transports/service/), the transports (byte movers and KVM), the
-core (dispatcher/). Imports run downwards only, with no cycle, and the core
+service (transports/service/, and the test bench's commands in
+transports/testbench/, which load devices as the service does), the
+transports (byte movers and KVM), the core (dispatcher/). Imports run downwards only, with no cycle, and the core
 loads anyio only for its anyio layer.
 """
 
@@ -63,7 +64,7 @@ def graph() -> dict[str, set[str]]:
 def layer(name: str) -> int:
     if name.startswith("examples"):
         return 3
-    if name.startswith("transports.service"):
+    if name.startswith(("transports.service", "transports.testbench")):
         return 2
     if name.startswith("transports"):
         return 1
