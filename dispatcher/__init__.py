@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .allow import AllowEntry, AllowError, AllowList, load_allow, parse_allow
 from .announce import PortRange, decode_announcement, encode_announcement
-from .clock import NS_PER_SECOND, ClockError, Timed, Timer, VirtualClock, Watch, ns_from_seconds
+from .clock import NS_PER_SECOND, ClockError, SteppedClock, Timed, Timer, VirtualClock, Watch, ns_from_seconds
 from .device_lock import Acquire, LockedSteps
 from .device_state import (
     StateFields,
@@ -52,9 +53,12 @@ from .irq import NO_RECEIVER, IrqEvent, IrqLine, IrqReceiver, IrqRecorder, IrqWa
 from .message import IoPortInterceptMessage, decode_message
 from .port_io import Job, Step
 from .qemu_log import QemuLogError, read_qemu_log
+from .recorder import Recorder
+from .replay import Divergence, HandlerFailure, ReplayError, ReplayResult, format_divergence
 from .router import BulkAccess, BulkClaim, BulkHandler, Claim, Handler, PortAccess, Router, on_bulk, on_port
 from .stats import EngineStats
 from .string_plan import DEFAULT_MAX_ELEMENTS, UnsupportedReason
+from .trace import Trace, TraceError, TraceReader, TraceWriter, new_metadata, read_trace
 from .transport import DecodedAnswer, InlineAnswer, Transport
 from .wire import (
     ANNOUNCEMENT,
@@ -93,6 +97,9 @@ __all__ = [
     "AccessRefused",
     "AccessType",
     "Acquire",
+    "AllowEntry",
+    "AllowError",
+    "AllowList",
     "BufferMemory",
     "BulkAccess",
     "BulkClaim",
@@ -103,6 +110,7 @@ __all__ = [
     "DecodedAnswer",
     "DispatchError",
     "Dispatcher",
+    "Divergence",
     "Engine",
     "EngineObserver",
     "EngineStats",
@@ -113,6 +121,7 @@ __all__ = [
     "GuestMemory",
     "GuestMemoryError",
     "Handler",
+    "HandlerFailure",
     "IncompatibleVersionError",
     "InlineAnswer",
     "InstructionError",
@@ -131,7 +140,10 @@ __all__ = [
     "PortAccess",
     "PortRange",
     "QemuLogError",
+    "Recorder",
     "Registers",
+    "ReplayError",
+    "ReplayResult",
     "Router",
     "RoutingError",
     "Segment",
@@ -145,8 +157,13 @@ __all__ = [
     "StatefulDevice",
     "Status",
     "Step",
+    "SteppedClock",
     "Timed",
     "Timer",
+    "Trace",
+    "TraceError",
+    "TraceReader",
+    "TraceWriter",
     "Translate",
     "Transport",
     "TransportClosedError",
@@ -163,15 +180,20 @@ __all__ = [
     "dump_state",
     "encode_announcement",
     "encode_io_instruction",
+    "format_divergence",
     "frame_ids",
     "identity_translation",
+    "load_allow",
     "load_state",
     "message_type",
+    "new_metadata",
     "ns_from_seconds",
     "on_bulk",
     "on_port",
     "owned_by",
+    "parse_allow",
     "read_qemu_log",
+    "read_trace",
     "reset_devices",
     "restore_device",
     "restore_devices",
