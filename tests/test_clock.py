@@ -9,10 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dispatcher import IrqRecorder, PortAccess, Router
+from dispatcher import IrqRecorder, PortAccess
 from dispatcher.clock import MAX_FIRINGS_PER_INSTANT, NS_PER_SECOND, ClockError, VirtualClock, ns_from_seconds
 from examples.pit import PIT_HZ, Pit8254
-from transports.testing import FakeVP
 
 
 def test_reads_seconds_and_nanoseconds() -> None:
@@ -274,42 +273,3 @@ def test_a_watched_pit_gives_irq0_edges_at_exact_input_clock_periods() -> None:
     expected = [-(-(start_tick + 1 + count * k) * NS_PER_SECOND // PIT_HZ) for k in range(1, len(edges) + 1)]
     assert edges == expected
     assert len(edges) == (pit.tick() - start_tick - 1) // count > 3900  # every period in 10 ms
-
-
-# The examples in docs/TESTING.md, as written there.
-
-
-def test_the_pit_in_virtual_time() -> None:
-    clock = VirtualClock()
-    irqs = IrqRecorder(clock)
-    pit = Pit8254(irq=irqs.line(0), clock=clock)  # at power-up: mode 3, a count of 65536
-    clock.watch(pit)  # poll the PIT whenever pit.next_due() says
-    clock.advance(1_000_000_000)  # one second of guest time, at once
-    edges = irqs.edges(0)  # when IRQ 0 rose, in ns
-    assert edges[:2] == [0, 54_926_240]  # high from power-up, then every 65536 input clocks
-    assert len(edges) == 19  # 18.2 Hz
-
-
-@pytest.fixture
-def irqs(virtual_clock: VirtualClock) -> IrqRecorder:
-    return IrqRecorder(virtual_clock)
-
-
-@pytest.fixture
-def router(virtual_clock: VirtualClock, irqs: IrqRecorder) -> Router:
-    pit = Pit8254(irq=irqs.line(0), clock=virtual_clock)
-    virtual_clock.watch(pit)
-    router = Router()
-    router.include(pit)
-    return router
-
-
-@pytest.mark.anyio
-async def test_a_1_khz_tick(fake_vp: FakeVP, virtual_clock: VirtualClock, irqs: IrqRecorder) -> None:
-    await fake_vp.outb(0x43, 0x34)  # channel 0: low byte then high byte, mode 2 (rate generator)
-    await fake_vp.outb(0x40, 0xA9)
-    await fake_vp.outb(0x40, 0x04)  # a count of 1193 (0x04A9): about 1 kHz
-    virtual_clock.advance(10_000_000)  # 10 ms
-    edges = irqs.edges(0)[1:]  # the first is from power-up
-    assert len(edges) == 10
-    assert edges[1] - edges[0] in (999_847, 999_848)  # 1193 / 1.193182 MHz, to the nanosecond

@@ -232,26 +232,3 @@ async def test_rtc_periodic_interrupt_rate_through_a_pc(rate: int, hz: int) -> N
         # The divider started with the RTC, at 1 s: a period's end is 1 s + k periods, to the nanosecond.
         for k, edge in enumerate(edges, start=1):
             assert abs(edge - (NS_PER_SECOND + k * period_ns)) <= 1
-
-
-# The example in docs/TESTING.md, as written there.
-
-
-@pytest.mark.anyio
-async def test_rtc_interrupts_1024_times_a_second() -> None:
-    clock = VirtualClock()
-    pc = build_pc(clock=clock)
-    clock.watch(pc)  # the PC's timers run as the clock moves
-    irqs = IrqRecorder(clock)
-    irqs.tap(pc.rtc.irq)  # IRQ 8 is recorded and still reaches the PIC
-    async with FakePartition(pc.router, clock=clock) as partition:
-        vp = partition.vp(0)
-        await vp.outb(0x70, 0x0B)
-        await vp.outb(0x71, 0x42)  # register B: periodic interrupt on (1024 Hz from power-up)
-        first = irqs.wait_for_edge(8, limit_ns=2_000_000)
-        assert pc.pic.slave.irr & 0x01  # and reached the PIC
-        await vp.outb(0x70, 0x0C)
-        await vp.inb(0x71)  # reading register C lowers IRQ 8
-        irqs.assert_edge(8, rising=False, at_ns=first)
-        second = irqs.wait_for_edge(8, limit_ns=2_000_000)
-        assert second - first in (976_562, 976_563)  # 1/1024 s

@@ -200,23 +200,3 @@ def test_following_real_time_needs_a_virtual_clock(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="follow_real_time needs"):
         Recorder(writer, clock=lambda: 0.0, follow_real_time=True)
     writer.close()
-
-
-async def test_the_documented_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # docs/TESTING.md, "Recording" (there the names come from `dispatcher` itself).
-    monkeypatch.chdir(tmp_path)
-    clock = VirtualClock()
-    pc = build_pc(clock=clock)
-    recorder = Recorder(
-        TraceWriter("pc.trace", new_metadata("api", machine="examples.pc_devices:build_pc")), clock=clock
-    )
-    clock.watch(recorder.timed(pc))  # each poll of the PC is recorded as a CLOCK event
-    async with FakePartition(pc.router, dispatcher=Dispatcher(pc.router, observer=recorder), clock=clock) as partition:
-        vp = partition.vp(0)
-        await vp.outb(0x43, 0x34)
-        partition.advance(1_000_000)
-    recorder.close()
-
-    metadata, events = read_trace(tmp_path / "pc.trace")
-    assert metadata["machine"] == "examples.pc_devices:build_pc"
-    assert [type(e) for e in events][:2] == [Intercept, Completion]
