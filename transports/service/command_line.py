@@ -64,6 +64,17 @@ def seconds(*, zero: bool, at_most: float = math.inf) -> Callable[[str], float]:
     return parse
 
 
+def count(text: str) -> int:
+    """An argparse type for a count: a whole number, 0 or more (``10``, ``0x10``)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
 class _Formatter(argparse.HelpFormatter):
     """Wraps the description's and epilog's paragraphs; keeps indented lines (examples, lists) as written."""
 

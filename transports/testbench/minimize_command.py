@@ -32,7 +32,7 @@ from dispatcher.trace_records import Intercept, TraceEvent
 from transports.service.command_line import CommandParser, seconds
 from transports.service.devices import add_device_paths
 
-from .replay_command import build_machine, load_events, machine_spec
+from .replay_command import add_machine_arguments, build_machine, load_events, machine_spec
 
 __all__ = ["DEFAULT_TIMEOUT", "EXIT_STATUSES", "Machine", "Minimized", "main", "minimize_trace", "run_candidate"]
 
@@ -157,21 +157,8 @@ def _parser() -> CommandParser:
         "The last line printed is: minimized N intercepts to M.",
         exit_statuses=EXIT_STATUSES,
     )
-    parser.add_argument("trace", metavar="TRACE", help="a trace file or a QEMU log")
+    add_machine_arguments(parser)
     parser.add_argument("-o", "--output", metavar="OUT", required=True, help="where to write the minimized trace")
-    parser.add_argument(
-        "--device",
-        metavar="MODULE:ATTR",
-        default=None,
-        help="the machine to replay against: a factory, Router or device object (default: the trace's)",
-    )
-    parser.add_argument(
-        "--device-path",
-        metavar="DIR",
-        action="append",
-        default=[],
-        help="a directory to import --device's module from (may be repeated)",
-    )
     parser.add_argument(
         "--timeout",
         metavar="SECONDS",

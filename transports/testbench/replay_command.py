@@ -18,7 +18,6 @@ reasons, and the last line is ``replayed N intercepts, M differ``.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import importlib
 import inspect
@@ -35,7 +34,7 @@ from dispatcher.clock import VirtualClock
 from dispatcher.replay import DEFAULT_CONTEXT, ReplayResult, format_divergence, replay
 from dispatcher.trace import MAGIC, read_trace
 from dispatcher.trace_records import TraceEvent
-from transports.service.command_line import CommandParser
+from transports.service.command_line import CommandParser, count
 from transports.service.devices import add_device_paths
 
 __all__ = [
@@ -43,8 +42,10 @@ __all__ = [
     "EXIT_STATUSES",
     "SAME",
     "MachineError",
+    "add_machine_arguments",
     "build_machine",
     "load_events",
+    "machine_spec",
     "main",
     "print_result",
 ]
@@ -174,18 +175,8 @@ def print_result(result: ReplayResult, *, show: int = 1) -> None:
     print(result.summary)
 
 
-def _parser() -> CommandParser:
-    parser = CommandParser(
-        prog=PROG,
-        description="Replay a trace against fresh devices and compare every answer with the one recorded. "
-        "TRACE is a trace file or QEMU's -trace memory_region_ops_* log (plain or gzip). The machine is "
-        "--device's, else the one the trace's metadata names; a factory taking a clock keyword runs on the "
-        "replay's virtual clock.\n\n"
-        "  intercept-dispatch replay run.trace\n"
-        "  intercept-dispatch replay qemu.log.gz --device examples.pc_devices:build_pc --allow known.toml\n\n"
-        "The last line printed is: replayed N intercepts, M differ.",
-        exit_statuses=EXIT_STATUSES,
-    )
+def add_machine_arguments(parser: CommandParser) -> None:
+    """TRACE, ``--device`` and ``--device-path``: what ``replay`` and ``minimize`` share."""
     parser.add_argument("trace", metavar="TRACE", help="a trace file or a QEMU log")
     parser.add_argument(
         "--device",
@@ -200,30 +191,35 @@ def _parser() -> CommandParser:
         default=[],
         help="a directory to import --device's module from (may be repeated)",
     )
+
+
+def _parser() -> CommandParser:
+    parser = CommandParser(
+        prog=PROG,
+        description="Replay a trace against fresh devices and compare every answer with the one recorded. "
+        "TRACE is a trace file or QEMU's -trace memory_region_ops_* log (plain or gzip). The machine is "
+        "--device's, else the one the trace's metadata names; a factory taking a clock keyword runs on the "
+        "replay's virtual clock.\n\n"
+        "  intercept-dispatch replay run.trace\n"
+        "  intercept-dispatch replay qemu.log.gz --device examples.pc_devices:build_pc --allow known.toml\n\n"
+        "The last line printed is: replayed N intercepts, M differ.",
+        exit_statuses=EXIT_STATUSES,
+    )
+    add_machine_arguments(parser)
     parser.add_argument(
         "--allow", metavar="FILE", default=None, help="a TOML allow file: differences accepted, each with a reason"
     )
     parser.add_argument(
         "--context",
         metavar="N",
-        type=_count,
+        type=count,
         default=DEFAULT_CONTEXT,
         help=f"events shown before a difference (default {DEFAULT_CONTEXT})",
     )
     parser.add_argument(
-        "--show", metavar="N", type=_count, default=1, help="differences printed in full (default 1, the first)"
+        "--show", metavar="N", type=count, default=1, help="differences printed in full (default 1, the first)"
     )
     return parser
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

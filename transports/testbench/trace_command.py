@@ -8,28 +8,17 @@ and registers). docs/TRACE_FORMAT.md describes the file.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 
 from dispatcher.trace import TraceError, dump, read_trace
-from transports.service.command_line import CommandParser
+from transports.service.command_line import CommandParser, count
 
 __all__ = ["EXIT_STATUSES", "main"]
 
 PROG = "intercept-dispatch trace"
 EXIT_STATUSES: dict[int | str, str] = {0: "the trace was printed", 1: "the file is not a readable trace"}
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
 
 
 def _parser() -> CommandParser:
@@ -50,7 +39,7 @@ def _parser() -> CommandParser:
         exit_statuses=EXIT_STATUSES,
     )
     dumping.add_argument("file", metavar="FILE", help="a trace file (plain or gzip-compressed)")
-    dumping.add_argument("--limit", type=_count, metavar="N", help="print at most N events")
+    dumping.add_argument("--limit", type=count, metavar="N", help="print at most N events")
     return parser
 
 
