@@ -91,6 +91,11 @@ class _Connection:
     def over(self) -> bool:
         return self.engine.queued >= self.max_queued or self.jobs >= self.max_jobs
 
+    def wait_sent(self, finished: int) -> None:
+        """Block until the loop's completions numbered up to ``finished`` are sent, or the connection ends."""
+        with self.sent_changed:
+            self.sent_changed.wait_for(lambda: self.sent >= finished or self.ended)
+
 
 class Dispatcher:
     """Serves intercepts from any number of transports with one router: one Dispatcher per VM.
@@ -441,8 +446,7 @@ class Dispatcher:
             if connection.sent < finished:
                 # A job's completion (made before these) is still on its way
                 # out: a VP's completions leave in the order they were made.
-                with connection.sent_changed:
-                    connection.sent_changed.wait_for(lambda: connection.sent >= finished or connection.ended)
+                connection.wait_sent(finished)
             return out
 
         return answer
@@ -481,8 +485,7 @@ class Dispatcher:
             finally:
                 release()
             if connection.sent < finished:
-                with connection.sent_changed:
-                    connection.sent_changed.wait_for(lambda: connection.sent >= finished or connection.ended)
+                connection.wait_sent(finished)
             return result
 
         return answer
