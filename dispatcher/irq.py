@@ -30,7 +30,16 @@ from typing import NamedTuple, Protocol
 from .clock import NS_PER_SECOND, VirtualClock
 from .errors import DispatchError
 
-__all__ = ["NO_RECEIVER", "IrqEvent", "IrqLine", "IrqReceiver", "IrqRecorder", "IrqWaitTimeout"]
+__all__ = [
+    "NO_RECEIVER",
+    "IrqEvent",
+    "IrqLine",
+    "IrqReceiver",
+    "IrqRecorder",
+    "IrqWaitTimeout",
+    "tap_line",
+    "untap_line",
+]
 
 
 class IrqReceiver(Protocol):
@@ -99,17 +108,31 @@ class IrqWaitTimeout(DispatchError, AssertionError):
 
 
 class _Tap:
-    """A line's receiver while a recorder taps it: records, then forwards to the receiver before."""
+    """A line's receiver while it is tapped: tells the listener, then the receiver the line had before."""
 
-    __slots__ = ("forward", "recorder")
+    __slots__ = ("forward", "listener")
 
-    def __init__(self, recorder: IrqRecorder, forward: IrqReceiver) -> None:
-        self.recorder = recorder
+    def __init__(self, listener: IrqReceiver, forward: IrqReceiver) -> None:
+        self.listener = listener
         self.forward = forward
 
     def set_irq(self, line: int, level: bool) -> None:
-        self.recorder.set_irq(line, level)
+        self.listener.set_irq(line, level)
         self.forward.set_irq(line, level)
+
+
+def tap_line(line: IrqLine, listener: IrqReceiver) -> IrqLine:
+    """Have ``listener`` hear every change of ``line`` too, before the receiver it had; returns ``line``."""
+    line.receiver = _Tap(listener, line.receiver)
+    return line
+
+
+def untap_line(line: IrqLine, listener: IrqReceiver) -> None:
+    """Undo :func:`tap_line`: give ``line`` back its receiver from before."""
+    receiver = line.receiver
+    if not isinstance(receiver, _Tap) or receiver.listener is not listener:
+        raise ValueError(f"{line.name} is not tapped by this recorder (or was tapped again since)")
+    line.receiver = receiver.forward
 
 
 LineId = int | IrqLine
@@ -177,17 +200,14 @@ class IrqRecorder:
 
         Events are filed under ``line.line``, the number its receiver knows it by.
         """
-        line.receiver = _Tap(self, line.receiver)
+        tap_line(line, self)
         self.levels[line.line] = line.level
         self._names[line.line] = line.name
         return line
 
     def untap(self, line: IrqLine) -> None:
         """Give ``line`` back its receiver from before :meth:`tap`."""
-        receiver = line.receiver
-        if not isinstance(receiver, _Tap) or receiver.recorder is not self:
-            raise ValueError(f"{line.name} is not tapped by this recorder (or was tapped again since)")
-        line.receiver = receiver.forward
+        untap_line(line, self)
 
     def _name(self, number: int) -> str:
         return self._names.get(number, f"IRQ{number}")

@@ -41,7 +41,7 @@ from typing import Protocol
 from .clock import SteppedClock, Timed
 from .guest import Guest
 from .guest_memory import GuestMemory, MemoryRegion
-from .irq import IrqLine, IrqReceiver
+from .irq import IrqLine, tap_line
 from .trace import Kind, TraceWriter, acknowledge_payload, edge_payload, memory_payload
 
 __all__ = ["InterruptController", "Recorder"]
@@ -136,8 +136,8 @@ class Recorder:
         """The interrupt acknowledge cycle ran and gave ``vector`` (None: nothing was pending)."""
         self._record(Kind.ACKNOWLEDGE, self.virtual_ns(), self.real_ns(), acknowledge_payload(vector))
 
-    def irq_edge(self, line: int, level: bool) -> None:
-        """Interrupt line ``line`` went to ``level``."""
+    def set_irq(self, line: int, level: bool) -> None:
+        """Interrupt line ``line`` went to ``level`` (a recorder is an :class:`~dispatcher.IrqReceiver`)."""
         self._record(Kind.IRQ_EDGE, self.virtual_ns(), self.real_ns(), edge_payload(line, level))
 
     def memory_read(self, address: int, data: bytes) -> None:
@@ -158,8 +158,7 @@ class Recorder:
 
     def tap(self, line: IrqLine) -> IrqLine:
         """Record every change of ``line`` (as IrqEdge of its number), still forwarding it to its receiver."""
-        line.receiver = _TappedReceiver(self, line.receiver)
-        return line
+        return tap_line(line, self)
 
     def memory(self, memory: GuestMemory) -> GuestMemory:
         """``memory`` with every read and write recorded (MemoryRead, MemoryWrite)."""
@@ -206,18 +205,6 @@ class _RecordedInterrupts:
         vector = self._controller.acknowledge()
         self._recorder.acknowledged(vector)
         return vector
-
-
-class _TappedReceiver:
-    __slots__ = ("_recorder", "receiver")
-
-    def __init__(self, recorder: Recorder, receiver: IrqReceiver) -> None:
-        self._recorder = recorder
-        self.receiver = receiver
-
-    def set_irq(self, line: int, level: bool) -> None:
-        self._recorder.irq_edge(line, level)
-        self.receiver.set_irq(line, level)
 
 
 class _RecordedMemory(GuestMemory):

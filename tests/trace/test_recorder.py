@@ -188,7 +188,7 @@ def test_without_a_clock_virtual_time_is_the_hosts(tmp_path: Path) -> None:
 def test_a_clock_in_seconds_is_read_in_ns(tmp_path: Path) -> None:
     path = tmp_path / "t.trace"
     recorder = Recorder(TraceWriter(path, new_metadata("api")), clock=lambda: 1.5)
-    recorder.irq_edge(4, True)
+    recorder.set_irq(4, True)
     recorder.close()
     assert [(e.virtual_ns, e.line, e.level) for e in read_trace(path).events if isinstance(e, IrqEdge)] == [
         (1_500_000_000, 4, True)
