@@ -41,19 +41,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 
-from dispatcher import Acquire, Dispatcher, Guest, IrqLine
+from dispatcher import Acquire, Dispatcher, Guest, IrqLine, Recorder, TraceWriter, VirtualClock, new_metadata
 from transports.kvm import KvmTransport, StopReason, Vm
 
 from .ata import AtaDisk
 from .pc_devices import PC, build_pc
-
-if TYPE_CHECKING:
-    from dispatcher import Recorder
 
 __all__ = [
     "BIOS_TOP",
@@ -274,8 +271,6 @@ def _recording_metadata(config: PcConfig, start_time: datetime) -> dict[str, Any
     if isinstance(config.disk, bytearray):
         raise ValueError("a PC recorded for replay takes its disk as an image path, not as bytes")
     machine_args = {"memory_size": config.memory_size, "disk": disk, "start_time": start_time.isoformat()}
-    from dispatcher import new_metadata  # the recording machinery is loaded only by a run that records
-
     return new_metadata(
         "examples.pc", machine=REPLAY_MACHINE, machine_args=machine_args, clock="virtual", start_ns=0,
         **config.record_metadata,
@@ -292,8 +287,6 @@ async def run_pc(
     clock: Callable[[], float] = time.monotonic
     start_time = datetime.now(UTC)
     if config.record is not None:
-        from dispatcher import Recorder, TraceWriter, VirtualClock
-
         virtual = VirtualClock()
         clock = virtual
         writer = TraceWriter(config.record, _recording_metadata(config, start_time))
