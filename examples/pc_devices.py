@@ -84,6 +84,8 @@ class PC:
     on_reset: Callable[[], object] | None = None
     on_a20: Callable[[bool], object] | None = None
     reset_requests: int = 0
+    irq_lines: tuple[IrqLine, ...] = ()
+    """The devices' interrupt lines into the PICs (IRQ 0, 1, 4, 8, 12, 14), for a recorder or a test to tap."""
     _a20: bool = field(default=True, repr=False)
 
     @property
@@ -181,8 +183,11 @@ def build_pc(
         raise ValueError(f"memory_size {memory_size:#x} is less than 1 MiB")
     pic = PicPair(irq=intr)
 
+    lines: list[IrqLine] = []
+
     def line(number: int) -> IrqLine:
-        return IrqLine(pic, number, f"IRQ{number}")
+        lines.append(IrqLine(pic, number, f"IRQ{number}"))
+        return lines[-1]
 
     pit = Pit8254(irq=line(0), clock=clock)
     rtc = Rtc146818(irq=line(8), clock=clock, start=start_time)
@@ -212,6 +217,7 @@ def build_pc(
         on_reset=on_reset,
         on_a20=on_a20,
     )
+    pc.irq_lines = tuple(lines)
     pc._a20 = pc.a20
     pc.i8042.on_reset = pc.port92.on_reset = pc._reset
     pci.on_reset = pc._reset

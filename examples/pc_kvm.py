@@ -317,6 +317,9 @@ async def run_pc(
             else:
                 transport = _RecordedKvmTransport(vm, recorder, interrupts=recorder.interrupts(pc.pic), **options)
             outcome.transport = transport
+            if recorder is not None:
+                for line in pc.irq_lines:
+                    recorder.tap(line)
             intr.receiver, intr.line = transport, 0
             transport.set_irq(0, intr.level)
             dispatcher = dispatcher_factory(transport, pc) if dispatcher_factory is not None else Dispatcher(pc.router)
@@ -350,6 +353,8 @@ class ReplayPc:
         self.pc = pc
         self.router = pc.router
         self.keeper = keeper
+        self.irq_lines = pc.irq_lines
+        """The lines whose edges the trace recorded, compared on replay."""
 
     def poll(self) -> None:
         """What a pass of the machine loop does: bring the timers up to date, deliver an owed IRQ 0."""

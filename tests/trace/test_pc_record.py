@@ -18,7 +18,7 @@ from dispatcher import decode_completion, decode_message
 from dispatcher.clock import VirtualClock
 from dispatcher.replay import replay
 from dispatcher.trace import Trace, read_trace
-from dispatcher.trace_records import Acknowledge, ClockAdvance, Completion, Intercept, MemoryWrite
+from dispatcher.trace_records import Acknowledge, ClockAdvance, Completion, Intercept, IrqEdge, MemoryWrite
 from examples.guests import mbr_checksum_image
 from examples.pc import replay_machine
 from transports.kvm import kvm_available
@@ -78,12 +78,14 @@ def test_a_seabios_boot_is_recorded_and_replays_exactly(tmp_path: Path) -> None:
     assert {0x40, 0x70, 0x71, 0x402, 0xCF8, 0xCFC} <= ports  # PIT, RTC, debug console, PCI
     assert any(isinstance(e, ClockAdvance) for e in trace.events)
     assert any(isinstance(e, Acknowledge) and e.vector == 0x08 for e in trace.events)  # IRQ 0 delivered
+    assert {(e.line, e.level) for e in trace.events if isinstance(e, IrqEdge)} >= {(0, True), (0, False)}
     times = [e.virtual_ns for e in trace.events]
     assert times == sorted(times)
 
     outcome = replayed(trace)
     assert outcome.replayed == trace.intercepts
     assert outcome.ok, outcome.differences[:1]
+    assert outcome.irqs_compared  # every edge of the devices' lines, in order, as recorded
 
 
 @requires_kvm

@@ -172,6 +172,8 @@ def print_result(result: ReplayResult, *, show: int = 1) -> None:
         print(f"device code failed at event {failure.index}, {where}: {error}{failure.message}")
     if result.not_compared:
         print(f"not compared: {result.not_compared} intercepts the trace has no completion for")
+    if result.irqs_compared:
+        print("interrupt edges: compared with the trace's, in order")
     print(result.summary)
 
 
