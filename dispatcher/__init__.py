@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .allow import AllowEntry, AllowError, AllowList, load_allow, parse_allow
+from .allow import AllowEntry, AllowError, AllowIndex, AllowList, load_allow, parse_allow
 from .announce import PortRange, decode_announcement, encode_announcement
 from .clock import NS_PER_SECOND, ClockError, SteppedClock, Timed, Timer, VirtualClock, Watch, ns_from_seconds
 from .device_lock import Acquire, LockedSteps
@@ -99,6 +99,7 @@ __all__ = [
     "Acquire",
     "AllowEntry",
     "AllowError",
+    "AllowIndex",
     "AllowList",
     "BufferMemory",
     "BulkAccess",

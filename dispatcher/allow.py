@@ -9,12 +9,25 @@ An allow file is TOML (read with the standard library's ``tomllib``), one
     mask = 0xff                # bits of the value read that may differ; all of them when absent
     reason = "the PIT counter reads the time, which QEMU's run and ours spend differently"
 
+    [[allow]]
+    ports = "0x71"
+    direction = "in"
+    index = { port = "0x70", mask = 0x7f, values = ["0x00-0x09", "0x32"] }  # only these CMOS registers
+    reason = "the clock's time and century, which the two runs read at different moments"
+
 A completion that differs from the trace's is allowed when the whole access
 lies in ``ports``, its direction matches, and either no ``mask`` is given
 (any difference of that access is accepted, status included) or the only
 field that differs is RAX and every differing bit of the value (masked to
 the access size) is in ``mask``. ``reason`` is required: the replay prints it
 beside each allowed difference.
+
+``index`` narrows an entry on a data port behind an index port to some
+registers: the entry applies only when the last value the guest wrote to
+``index.port`` before this access (by any VP, of any size), ANDed with
+``index.mask`` (all ones when absent), is one of ``index.values`` (numbers
+or "FIRST-LAST" ranges). Before the first write to that port, or after a
+string write to it (whose value is in guest memory), the entry does not apply.
 """
 
 from __future__ import annotations
@@ -27,10 +40,13 @@ from typing import Final
 
 from .errors import DispatchError
 
-__all__ = ["AllowEntry", "AllowError", "AllowList", "load_allow", "parse_allow"]
+__all__ = ["AllowEntry", "AllowError", "AllowIndex", "AllowList", "load_allow", "parse_allow"]
 
-_KEYS: Final = frozenset({"ports", "direction", "mask", "reason"})
+_KEYS: Final = frozenset({"ports", "direction", "mask", "index", "reason"})
+_INDEX_KEYS: Final = frozenset({"port", "mask", "values"})
 _SIZE_MASK: Final = (0, 0xFF, 0xFFFF, 0xFF_FFFF, 0xFFFF_FFFF)
+_ALL_ONES: Final = 0xFFFF_FFFF
+_NO_INDEXES: Final[Mapping[int, int]] = {}
 
 
 class AllowError(DispatchError):
@@ -50,9 +66,28 @@ class AllowError(DispatchError):
 
 
 @dataclass(frozen=True, slots=True)
+class AllowIndex:
+    """An entry's ``index``: the last value written to ``port``, ANDed with ``mask``, must lie in one of the
+    inclusive ranges ``values`` (a single value is a range of one)."""
+
+    port: int
+    mask: int
+    values: tuple[tuple[int, int], ...]
+
+    def matches(self, indexes: Mapping[int, int]) -> bool:
+        """Whether ``indexes`` (port -> last value written) selects a register this condition names."""
+        value = indexes.get(self.port)
+        if value is None:
+            return False
+        value &= self.mask
+        return any(first <= value <= last for first, last in self.values)
+
+
+@dataclass(frozen=True, slots=True)
 class AllowEntry:
     """One ``[[allow]]`` table: ports ``first``-``last``, ``direction`` ("in", "out" or None for both),
-    ``mask`` (None: any difference), ``reason``; ``number`` is its place in the file (from 1)."""
+    ``mask`` (None: any difference), ``reason``, ``index`` (None: whatever the index ports hold);
+    ``number`` is its place in the file (from 1)."""
 
     first: int
     last: int
@@ -60,6 +95,7 @@ class AllowEntry:
     mask: int | None
     reason: str
     number: int = 0
+    index: AllowIndex | None = None
 
     def covers(self, port: int, size: int, is_write: bool) -> bool:
         """Whether an access of ``size`` bytes at ``port`` in that direction falls under this entry."""
@@ -67,9 +103,21 @@ class AllowEntry:
             return False
         return self.first <= port and port + max(size, 1) - 1 <= self.last
 
-    def allows(self, port: int, size: int, is_write: bool, fields: Collection[str], expected: int, got: int) -> bool:
-        """Whether a completion whose ``fields`` differ (RAX ``expected`` against ``got``) is accepted."""
+    def allows(
+        self,
+        port: int,
+        size: int,
+        is_write: bool,
+        fields: Collection[str],
+        expected: int,
+        got: int,
+        indexes: Mapping[int, int] = _NO_INDEXES,
+    ) -> bool:
+        """Whether a completion whose ``fields`` differ (RAX ``expected`` against ``got``) is accepted,
+        ``indexes`` being the last value written to each index port before the access."""
         if not self.covers(port, size, is_write):
+            return False
+        if self.index is not None and not self.index.matches(indexes):
             return False
         if self.mask is None:
             return True
@@ -86,12 +134,25 @@ class AllowList:
     entries: tuple[AllowEntry, ...] = ()
     source: str = ""
 
+    @property
+    def index_ports(self) -> frozenset[int]:
+        """The ports some entry's ``index`` names: the ones whose writes a replay must follow."""
+        return frozenset(entry.index.port for entry in self.entries if entry.index is not None)
+
     def find(
-        self, port: int, size: int, is_write: bool, fields: Collection[str], expected: int, got: int
+        self,
+        port: int,
+        size: int,
+        is_write: bool,
+        fields: Collection[str],
+        expected: int,
+        got: int,
+        indexes: Mapping[int, int] = _NO_INDEXES,
     ) -> AllowEntry | None:
-        """The first entry that accepts this difference, or None."""
+        """The first entry that accepts this difference, or None; ``indexes`` maps each of
+        :attr:`index_ports` to the last value written to it before this access (absent: none yet)."""
         for entry in self.entries:
-            if entry.allows(port, size, is_write, fields, expected, got):
+            if entry.allows(port, size, is_write, fields, expected, got, indexes):
                 return entry
         return None
 
@@ -134,6 +195,9 @@ def parse_allow(text: str, *, source: str = "<allow>") -> AllowList:
     return AllowList(tuple(entries), source)
 
 
+_Fail = Callable[[str, str], AllowError]
+
+
 def _entry(table: Mapping[str, object], source: str, number: int) -> AllowEntry:
     def fail(key: str, reason: str) -> AllowError:
         return AllowError(reason, source=source, entry=number, key=key)
@@ -147,34 +211,72 @@ def _entry(table: Mapping[str, object], source: str, number: int) -> AllowEntry:
     reason = table["reason"]
     if not isinstance(reason, str) or not reason.strip():
         raise fail("reason", "must be a non-empty string saying why the difference is not a bug")
-    first, last = _ports(table["ports"], fail)
+    first, last = _ports(table["ports"], "ports", fail)
     direction = table.get("direction")
     if direction is not None and direction not in ("in", "out"):
         raise fail("direction", f'{direction!r} is neither "in" nor "out"')
-    mask = table.get("mask")
-    if mask is not None and (isinstance(mask, bool) or not isinstance(mask, int) or not 0 < mask <= 0xFFFF_FFFF):
-        raise fail("mask", f"{mask!r} is not a bit mask from 0x1 to 0xffffffff")
-    return AllowEntry(first, last, direction, mask, reason.strip(), number)
+    mask = _mask(table.get("mask"), "mask", fail)
+    index = _index(table["index"], fail) if "index" in table else None
+    return AllowEntry(first, last, direction, mask, reason.strip(), number, index)
 
 
-def _ports(value: object, fail: Callable[[str, str], AllowError]) -> tuple[int, int]:
+def _mask(mask: object, key: str, fail: _Fail) -> int | None:
+    if mask is not None and (isinstance(mask, bool) or not isinstance(mask, int) or not 0 < mask <= _ALL_ONES):
+        raise fail(key, f"{mask!r} is not a bit mask from 0x1 to 0xffffffff")
+    return mask
+
+
+def _index(table: object, fail: _Fail) -> AllowIndex:
+    if not isinstance(table, dict):
+        raise fail("index", f'{table!r} is not a table like {{ port = "0x70", values = ["0x0c"] }}')
+    unknown = sorted(set(table) - _INDEX_KEYS)
+    if unknown:
+        raise fail(f"index.{unknown[0]}", f"unknown key (known: {', '.join(sorted(_INDEX_KEYS))})")
+    for key in ("port", "values"):
+        if key not in table:
+            raise fail(f"index.{key}", "missing (an index needs the port written and the values that apply)")
+    first, last = _ports(table["port"], "index.port", fail)
+    if first != last:
+        raise fail("index.port", f"{table['port']!r} is a range; the index is one port")
+    mask = _mask(table.get("mask"), "index.mask", fail)
+    mask = _ALL_ONES if mask is None else mask
+    values = table["values"]
+    if not isinstance(values, list) or not values:
+        raise fail("index.values", f'{values!r} is not a non-empty array like ["0x0c", "0x00-0x09"]')
+    ranges = []
+    for value in values:
+        low, high = _span(value, 0, _ALL_ONES, "index.values", "a value", '"0x00-0x09"', fail)
+        if low == high and low & ~mask:
+            raise fail("index.values", f"{value!r} has bits outside the mask {mask:#x}, so it never matches")
+        ranges.append((low, high))
+    return AllowIndex(first, mask, tuple(ranges))
+
+
+def _ports(value: object, key: str, fail: _Fail) -> tuple[int, int]:
+    return _span(value, 0, 0xFFFF, key, "a port", '"0x40-0x43"', fail)
+
+
+def _span(value: object, low: int, high: int, key: str, what: str, example: str, fail: _Fail) -> tuple[int, int]:
+    """A number or a "FIRST-LAST" range (int or string) within ``low``-``high``."""
+
     def bad(reason: str) -> AllowError:
-        return fail("ports", reason)
+        return fail(key, reason)
 
     if isinstance(value, bool):
-        raise bad(f"{value!r} is not a port or a range")
+        raise bad(f"{value!r} is not {what} or a range")
     if isinstance(value, int):
         first = last = value
     elif isinstance(value, str):
         text = value.strip()
-        low, dash, high = text.partition("-")
+        start, dash, end = text.partition("-")
         try:
-            first = int(low.strip(), 0)
-            last = int(high.strip(), 0) if dash else first
+            first = int(start.strip(), 0)
+            last = int(end.strip(), 0) if dash else first
         except ValueError:
-            raise bad(f'{value!r} is not a port or a range like "0x40-0x43"') from None
+            raise bad(f"{value!r} is not {what} or a range like {example}") from None
     else:
-        raise bad(f'{value!r} is not a port or a range like "0x40-0x43"')
-    if not 0 <= first <= last <= 0xFFFF:
-        raise bad(f"{value!r} is not a range of ports from 0 to 0xffff, first to last")
+        raise bad(f"{value!r} is not {what} or a range like {example}")
+    if not low <= first <= last <= high:
+        plural = "ports" if what == "a port" else "values"
+        raise bad(f"{value!r} is not a range of {plural} from {low} to {high:#x}, first to last")
     return first, last

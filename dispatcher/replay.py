@@ -27,6 +27,10 @@ and optionally ``poll()``, ``acknowledge() -> int | None`` (else its
 :class:`~dispatcher.IrqLine` objects whose edges count; without it, the
 lines held by the devices behind the router's claims).
 
+An allow entry with an ``index`` (:mod:`dispatcher.allow`) is checked
+against the last value the trace's guest wrote to that index port before
+the access: replay follows the OUTs to the ports such entries name.
+
 Each intercept runs to its completion when it arrives: an async handler is
 stepped in place and must finish without waiting for anything (one that
 waits is a :class:`ReplayError`). String I/O under paging replays with
@@ -37,8 +41,9 @@ identity translation. A handler's exception is taken from the engine's
 from __future__ import annotations
 
 import logging
+import struct
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
@@ -99,6 +104,10 @@ _FIELDS: Final = (
     "detail",
 )
 _BOUNDARY: Final = (Intercept, ClockAdvance, Acknowledge)
+_PORT_INFO_RAX: Final = struct.Struct("<HB5xQ")
+"""PortNumber, AccessInfo and RAX, at Offset.PORT: what following an index port reads."""
+_INDEX_END: Final = Offset.PORT + _PORT_INFO_RAX.size
+_NO_INDEXES: Final[Mapping[int, int]] = {}
 
 
 class ReplayError(DispatchError):
@@ -330,8 +339,12 @@ class _Session:
         self.differences: list[Divergence] = []
         self.allowed: list[Divergence] = []
         self.failures: list[HandlerFailure] = []
-        # Per VP (partition, VP): (intercept index, completion made) not yet compared.
-        self.pending: dict[tuple[int, int], deque[tuple[int, bytes, BaseException | None]]] = {}
+        # Per VP (partition, VP): (intercept index, completion made, error, index ports then) not yet compared.
+        self.pending: dict[tuple[int, int], deque[tuple[int, bytes, BaseException | None, Mapping[int, int]]]] = {}
+        # The last value written to each port an allow entry's index names. Replaced, never changed in
+        # place, on each write, so a pending completion keeps what the index ports held before its access.
+        self.index_ports = allow.index_ports
+        self.indexes = _NO_INDEXES
         self.index = 0
         self.reads: deque[tuple[int, MemoryRead]] = deque()
         self.writes: deque[tuple[int, MemoryWrite]] = deque()
@@ -430,17 +443,32 @@ class _Session:
             jobs.extend(more_jobs)
         error = logged[-1] if len(logged) > before else None
         pending = self.pending
+        indexes = self.indexes
         for completion in out:
             ids = frame_ids(completion)
             queue = pending.get(ids)
             if queue is None:
                 queue = pending[ids] = deque()
-            queue.append((index, completion, error))
+            queue.append((index, completion, error, indexes))
             status = completion[Offset.COMPLETION_STATUS] if len(completion) >= COMPLETION_SIZE else 0
             if status == Status.HANDLER_FAILED or status == Status.DEADLINE_EXCEEDED:
                 self._note_failure(index, event, Status(status), error)
         if self.reads or self.writes:
             self._end_memory(index)
+        if self.index_ports and len(frame) >= _INDEX_END and frame[Offset.ACCESS_TYPE] == 1:
+            self._index_written(frame)
+
+    def _index_written(self, frame: bytes) -> None:
+        port, info, rax = _PORT_INFO_RAX.unpack_from(frame, Offset.PORT)
+        if port not in self.index_ports:
+            return
+        indexes = dict(self.indexes)
+        if info & 0x08:
+            indexes.pop(port, None)  # string I/O: the value written is in guest memory, so unknown here
+        else:
+            size = info & 7
+            indexes[port] = rax & MASK[size] if size in (1, 2, 4) else rax
+        self.indexes = indexes
 
     def _run_job(self, index: int, job: Job) -> tuple[list[bytes], list[Job]]:
         # An async handler runs in place; it may await only what is already done.
@@ -465,12 +493,14 @@ class _Session:
             raise ReplayError(
                 f"a completion for partition {ids[0]}, VP {ids[1]:#x} with no intercept before it", index=index
             )
-        at, got, error = queue.popleft()
+        at, got, error, indexes = queue.popleft()
         if got == event.frame:
             return
-        self._compare_completions(index, at, event, got, error)
+        self._compare_completions(index, at, event, got, error, indexes)
 
-    def _compare_completions(self, index: int, at: int, event: Completion, got: bytes, error: object) -> None:
+    def _compare_completions(
+        self, index: int, at: int, event: Completion, got: bytes, error: object, indexes: Mapping[int, int]
+    ) -> None:
         try:
             expected_completion = decode_completion(event.frame)
         except FrameError as bad:
@@ -481,7 +511,8 @@ class _Session:
         assert type(intercept) is Intercept
         port, size, is_write = intercept_access(intercept.frame)
         expected_rax, got_rax = expected_completion.rax, got_completion.rax
-        entry = self.allow.find(port, size, is_write, fields, expected_rax, got_rax) if port is not None else None
+        find = self.allow.find
+        entry = find(port, size, is_write, fields, expected_rax, got_rax, indexes) if port is not None else None
         divergence = Divergence(
             index,
             "completion",

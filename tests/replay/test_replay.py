@@ -104,6 +104,45 @@ def test_allowed_differences_do_not_fail() -> None:
     assert not replay(events, other(), allow=narrower).ok
 
 
+def test_an_index_entry_follows_the_writes_to_its_index_port() -> None:
+    def cmos(value: int) -> Router:
+        router = Router()
+        router.claim(0x70, 2)(lambda access: None if access.is_write else value)
+        return router
+
+    memory = BufferMemory([(0, bytearray(0x10000))])
+    memory.write(0x2000, b"\x0b")
+    steps = [
+        port_frame(0x71),  # no index written yet
+        port_frame(0x70, write=True, value=0x8C),  # register C, NMI disabled (the index mask drops bit 7)
+        port_frame(0x71),
+        port_frame(0x70, write=True, value=0x0B),
+        port_frame(0x71),
+        port_frame(0x70, write=True, value=0x0C),
+        string_frame(0x70, outs=True, count=1, address=0x2000),  # writes 0x0B, from guest memory: unknown
+        port_frame(0x71),
+        port_frame(0x70, write=True, value=0x0C),
+        port_frame(0x71),
+        port_frame(0x70, write=True, value=0x0B, vp=1),  # VP 1 moves the index before VP 0's read completes
+    ]
+    events = record(cmos(0x10), steps, memory=memory)
+    # VP 0's last read is answered after VP 1's write: the read still saw register C.
+    read, read_done, write, write_done = events[-4:]
+    events[-4:] = [read, write, write_done, read_done]
+    allow = parse_allow(
+        '[[allow]]\nports = "0x71"\nindex = { port = "0x70", mask = 0x7f, values = ["0x0c"] }\nreason = "PF"\n'
+    )
+    result = replay(events, cmos(0x11), allow=allow)
+    reads = sorted(result.differences + result.allowed, key=lambda divergence: divergence.index)
+    assert [(d.port, d.allowed) for d in reads] == [
+        (0x71, None),
+        (0x71, "PF"),
+        (0x71, None),
+        (0x71, None),
+        (0x71, "PF"),
+    ]
+
+
 def test_handler_failures_are_named() -> None:
     steps = [port_frame(0x510, write=True, value=0x5A), port_frame(0x511, write=True, value=0xA5), port_frame(0x512)]
     events = record(sequenced(fixed=True), steps)
