@@ -57,6 +57,7 @@ from dispatcher import (
     Guest,
     GuestMemory,
     IoPortInterceptMessage,
+    Recorder,
     Registers,
     Router,
     Segment,
@@ -349,6 +350,12 @@ class FakePartition:
     gets the dispatcher's device lock, so its timers and polls run as
     handlers do. :meth:`advance`, :meth:`advance_to` and
     :meth:`advance_to_next_deadline` move it holding that lock.
+
+    ``record`` (a :class:`~dispatcher.Recorder`) records every intercept,
+    its completion and what string I/O reads and writes in ``memory``, for
+    :func:`~dispatcher.replay.replay`; closing the recorder is the caller's. What
+    else moves the devices is recorded through it too
+    (``clock.watch(record.timed(device))``, ``record.tap(line)``).
     """
 
     def __init__(
@@ -364,23 +371,30 @@ class FakePartition:
         translate: Translate | None = identity_translation,
         max_elements: int = DEFAULT_MAX_ELEMENTS,
         clock: VirtualClock | None = None,
+        record: Recorder | None = None,
     ) -> None:
         self.router = router
         self.partition_id = partition_id
         self.mode = mode
         self.strict = strict
         if dispatcher is None:
-            guest = None if memory is None else Guest(memory, translate, self._segment)
-            dispatcher = Dispatcher(router, deadline=deadline, guest=guest, max_elements=max_elements)
+            seen = memory if memory is None or record is None else record.memory(memory)
+            guest = None if seen is None else Guest(seen, translate, self._segment)
+            dispatcher = Dispatcher(router, deadline=deadline, guest=guest, max_elements=max_elements, observer=record)
         elif memory is not None and (dispatcher.guest is None or memory is not dispatcher.guest.memory):
             raise ValueError("give the guest memory to the Dispatcher you pass")
+        elif record is not None:
+            raise ValueError("give the recorder to the Dispatcher you pass (observer=) and its guest (record.guest())")
         self.dispatcher = dispatcher
         if clock is None:
             clock = VirtualClock()
         if clock.lock is None:
             clock.lock = dispatcher.lock
         self.clock = clock
-        self.memory = dispatcher.guest.memory if dispatcher.guest is not None else None
+        if memory is None and dispatcher.guest is not None:
+            memory = dispatcher.guest.memory
+        self.memory = memory
+        """The guest memory string I/O uses, as the test sees it."""
         self._vps: dict[int, FakeVP] = {}
         self._waiting: dict[int, tuple[anyio.Event, list[Completion]]] = {}
         self._transport: Transport | None = None
