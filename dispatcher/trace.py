@@ -22,6 +22,7 @@ import json
 import os
 import struct
 import threading
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,7 +55,10 @@ MAGIC = b"IDTRACE\x00"
 FORMAT_VERSION = 1
 _GZIP_MAGIC = b"\x1f\x8b"
 _FILE_HEADER = struct.Struct("<8sHHI")
-_RECORD = struct.Struct("<BIQQ")
+# A record's header: kind, payload length, virtual_ns, real_ns, then the CRC-32 of those 21 bytes and the payload.
+_RECORD = struct.Struct("<BIQQI")
+_HEAD = struct.Struct("<BIQQ")
+_pack_head, _pack_crc, _crc32 = _HEAD.pack, struct.Struct("<I").pack, zlib.crc32
 _ADDRESS = struct.Struct("<Q")
 _VECTOR = struct.Struct("<h")
 _EDGE = struct.Struct("<IB")
@@ -207,7 +211,9 @@ class TraceWriter:
             if self.closed:
                 raise ValueError(f"trace {self.path or '(stream)'} is closed")
             buffer = self._buffer
-            buffer += _RECORD.pack(kind, len(payload), virtual_ns & _U64, real_ns & _U64)
+            head = _pack_head(kind, len(payload), virtual_ns & _U64, real_ns & _U64)
+            buffer += head
+            buffer += _pack_crc(_crc32(payload, _crc32(head)))
             buffer += payload
             self.records += 1
             if len(buffer) >= _FLUSH_AT:
@@ -237,7 +243,9 @@ class TraceWriter:
             if self.closed:
                 return
             self.closed = True
-            self._buffer += _RECORD.pack(Kind.END, _COUNT.size, 0, 0) + _COUNT.pack(self.records)
+            count = _COUNT.pack(self.records)
+            head = _pack_head(Kind.END, len(count), 0, 0)
+            self._buffer += head + _pack_crc(_crc32(count, _crc32(head))) + count
             try:
                 self._file.write(self._buffer)
                 self._buffer.clear()
@@ -332,7 +340,8 @@ class TraceReader:
         append = events.append
         data, path = self.data, self.path
         size = len(data)
-        unpack_record, record_size = _RECORD.unpack_from, _RECORD.size
+        unpack_record, record_size, head_size = _RECORD.unpack_from, _RECORD.size, _HEAD.size
+        crc32, view = _crc32, memoryview(data)
         unpack_address, unpack_vector, unpack_edge = _ADDRESS.unpack_from, _VECTOR.unpack_from, _EDGE.unpack_from
         intercept, completion = tr.Intercept, tr.Completion
         offset = self.records_offset
@@ -346,7 +355,7 @@ class TraceReader:
                     offset=offset,
                     index=index,
                 )
-            kind, length, virtual_ns, real_ns = unpack_record(data, offset)
+            kind, length, virtual_ns, real_ns, crc = unpack_record(data, offset)
             start = offset + record_size
             stop = start + length
             if stop > size:
@@ -357,6 +366,11 @@ class TraceReader:
                     offset=offset,
                     index=index,
                 )
+            if crc32(view[start:stop], crc32(view[offset : offset + head_size])) != crc:
+                raise TraceError(
+                    "the record's checksum does not match its bytes: the file is corrupted", path=path, offset=offset,
+                    index=index,
+                )  # fmt: skip
             if kind == 1:  # Kind.INTERCEPT, the common case first
                 append(_new(intercept, (virtual_ns, real_ns, data[start:stop])))
             elif kind == 2:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,14 @@ from dispatcher.trace_records import (
 from dispatcher.wire import pack_completion
 
 HEADER = struct.Struct("<8sHHI")
-RECORD = struct.Struct("<BIQQ")
+RECORD = struct.Struct("<BIQQI")  # kind, payload length, virtual_ns, real_ns, CRC-32
+
+
+def reseal(data: bytearray, offset: int) -> None:
+    """Recompute the checksum of the record at ``offset`` after a test changed its bytes on purpose."""
+    length = RECORD.unpack_from(data, offset)[1]
+    payload = bytes(data[offset + RECORD.size : offset + RECORD.size + length])
+    struct.pack_into("<I", data, offset + 21, zlib.crc32(payload, zlib.crc32(bytes(data[offset : offset + 21]))))
 
 
 def out_frame(port: int, value: int, *, size: int = 1, rip: int = 0x7C00) -> bytes:
@@ -89,8 +97,12 @@ def test_the_header_is_as_documented(tmp_path: Path) -> None:
     magic, version, flags, length = HEADER.unpack_from(data)
     assert (magic, version, flags) == (MAGIC, FORMAT_VERSION, 0)
     assert json.loads(data[HEADER.size : HEADER.size + length])["source"] == "api"
-    kind, size, virtual_ns, real_ns = RECORD.unpack_from(data, HEADER.size + length)
+    start = HEADER.size + length
+    kind, size, virtual_ns, real_ns, crc = RECORD.unpack_from(data, start)
     assert (kind, size, virtual_ns, real_ns) == (1, len(EVENTS[0].frame), 10, 11)  # type: ignore[union-attr]
+    payload = data[start + RECORD.size : start + RECORD.size + size]
+    assert payload == EVENTS[0].frame  # type: ignore[union-attr]
+    assert crc == zlib.crc32(payload, zlib.crc32(data[start : start + 21]))  # the header's first 21 bytes, then it
 
 
 def records_start(data: bytes | bytearray) -> int:
@@ -132,9 +144,24 @@ def test_a_corrupted_kind_names_offset_and_record(tmp_path: Path) -> None:
     first = records_start(data)
     second = first + RECORD.size + RECORD.unpack_from(data, first)[1]
     data[second] = 0x77
+    reseal(data, second)
     path.write_bytes(data)
     with pytest.raises(TraceError, match=rf"offset {second}, record 1: record kind 119 is unknown"):
         read_trace(path)
+
+
+@pytest.mark.parametrize("where", ["virtual_ns", "payload"])
+def test_a_corrupted_byte_fails_its_record_s_checksum(tmp_path: Path, where: str) -> None:
+    path = tmp_path / "t.trace"
+    write(path, EVENTS)
+    data = bytearray(path.read_bytes())
+    first = records_start(data)
+    second = first + RECORD.size + RECORD.unpack_from(data, first)[1]
+    data[second + (5 if where == "virtual_ns" else RECORD.size + 3)] ^= 0x10
+    path.write_bytes(data)
+    with pytest.raises(TraceError, match=rf"offset {second}, record 1: .*checksum.*corrupted") as raised:
+        read_trace(path)
+    assert (raised.value.offset, raised.value.index) == (second, 1)
 
 
 def test_a_payload_of_the_wrong_length_is_an_error(tmp_path: Path) -> None:
@@ -144,6 +171,7 @@ def test_a_payload_of_the_wrong_length_is_an_error(tmp_path: Path) -> None:
     first = records_start(data)
     struct.pack_into("<I", data, first + 1, 3)
     data[first + RECORD.size : first + RECORD.size] = b"abc"
+    reseal(data, first)
     path.write_bytes(data)
     with pytest.raises(TraceError, match=rf"offset {first}, record 0: a CLOCK payload is 0 bytes, not 3"):
         read_trace(path)
