@@ -85,11 +85,12 @@ _OPS_EVENTS = {"memory_region_ops_read": False, "memory_region_ops_write": True}
 
 
 class QemuLogError(DispatchError):
-    """A line of a QEMU log that cannot be read, or a file that is not one."""
+    """A line of a QEMU log that cannot be read (``line`` its number), or a file that is not one (``line`` None)."""
 
-    def __init__(self, reason: str, *, path: str, line: int, text: str = "") -> None:
+    def __init__(self, reason: str, *, path: str, line: int | None = None, text: str = "") -> None:
         shown = f": {text[:120]!r}" if text else ""
-        super().__init__(f"{path}:{line}: {reason}{shown}")
+        where = path if line is None else f"{path}:{line}"
+        super().__init__(f"{where}: {reason}{shown}")
         self.reason = reason
         self.path = path
         self.line = line
@@ -179,7 +180,15 @@ def read_qemu_records(path: str | os.PathLike[str]) -> list[QemuAccess | QemuInt
     :raises QemuLogError: naming the file, the line number and its text.
     """
     name = os.fspath(path)
-    return list(parse_qemu_log(_lines(name), path=name))
+    records = list(parse_qemu_log(_lines(name), path=name))
+    if not records:
+        # Only lines of other trace events (or none): replaying nothing would pass, and say nothing.
+        raise QemuLogError(
+            "no port access or interrupt acknowledge in the log: record it with -trace memory_region_ops_read "
+            "-trace memory_region_ops_write",
+            path=name,
+        )
+    return records
 
 
 @lru_cache(maxsize=256)

@@ -141,3 +141,12 @@ def test_bytes_that_are_not_text_are_an_error_naming_the_line(tmp_path: Path) ->
     path.write_bytes(READ.encode() + b"\xff\xfe\n")
     with pytest.raises(QemuLogError, match=r"binary.log:2: not UTF-8 text"):
         read_qemu_log(path)
+
+
+@pytest.mark.parametrize("text", ["", "garbage line here\n", "# only a comment\nother_event x 1\n"])
+def test_a_log_without_any_access_is_an_error_not_an_empty_replay(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "empty.log"
+    path.write_text(text)
+    with pytest.raises(QemuLogError, match=r"empty.log: no port access or interrupt acknowledge") as caught:
+        read_qemu_log(path)
+    assert caught.value.line is None
