@@ -25,10 +25,13 @@ every change with the virtual time it happened at. With a
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from .clock import NS_PER_SECOND, VirtualClock
 from .errors import DispatchError
+
+if TYPE_CHECKING:
+    from .router import Router
 
 __all__ = [
     "NO_RECEIVER",
@@ -37,6 +40,7 @@ __all__ = [
     "IrqReceiver",
     "IrqRecorder",
     "IrqWaitTimeout",
+    "device_lines",
     "tap_line",
     "untap_line",
 ]
@@ -270,3 +274,30 @@ class IrqRecorder:
                 raise IrqWaitTimeout(
                     f"{self._name(number)}: no {kind} edge from {start} to {limit} ns (limit_ns={limit_ns}); {why}"
                 )
+
+
+def device_lines(router: Router) -> list[IrqLine]:
+    """The interrupt lines the devices behind ``router``'s claims hold and something receives, each once.
+
+    What a recorder taps and a replay compares when a machine does not list
+    its lines itself. A line wired to nothing (a PIC's output nobody takes)
+    is no part of the machine's traffic.
+    """
+    found: dict[int, IrqLine] = {}
+    for claim in router.claims:
+        owner = getattr(claim.handler, "__self__", None)
+        if owner is None:
+            continue
+        for value in _attributes(owner):
+            if isinstance(value, IrqLine) and value.receiver is not NO_RECEIVER:
+                found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def _attributes(owner: object) -> list[object]:
+    values = list(getattr(owner, "__dict__", {}).values())
+    for cls in type(owner).__mro__:
+        for name in getattr(cls, "__slots__", ()):
+            if isinstance(name, str) and hasattr(owner, name):
+                values.append(getattr(owner, name))
+    return values

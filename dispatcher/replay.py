@@ -54,7 +54,7 @@ from .engine import Engine
 from .errors import DispatchError, FrameError
 from .guest import Guest, identity_translation
 from .guest_memory import GuestMemory, MemoryRegion
-from .irq import NO_RECEIVER, IrqLine, IrqRecorder
+from .irq import IrqLine, IrqRecorder, device_lines
 from .port_io import MASK, Job, call_step
 from .router import Router
 from .trace import describe
@@ -287,27 +287,7 @@ def _acknowledger(machine: object) -> Callable[[], int | None] | None:
 
 def _irq_lines(machine: object, router: Router) -> list[IrqLine]:
     lines = getattr(machine, "irq_lines", None)
-    if lines is not None:
-        return list(lines)
-    found: dict[int, IrqLine] = {}
-    for claim in router.claims:
-        owner = getattr(claim.handler, "__self__", None)
-        if owner is None:
-            continue
-        for value in _attributes(owner):
-            # A line wired to nothing (a PIC's output nobody takes) is no part of the machine's traffic.
-            if isinstance(value, IrqLine) and value.receiver is not NO_RECEIVER:
-                found.setdefault(id(value), value)
-    return list(found.values())
-
-
-def _attributes(owner: object) -> list[object]:
-    values = list(getattr(owner, "__dict__", {}).values())
-    for cls in type(owner).__mro__:
-        for name in getattr(cls, "__slots__", ()):
-            if isinstance(name, str) and hasattr(owner, name):
-                values.append(getattr(owner, name))
-    return values
+    return list(lines) if lines is not None else device_lines(router)
 
 
 class _Session:

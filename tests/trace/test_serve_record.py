@@ -8,8 +8,10 @@ import pytest
 from service_process import ServiceProcess
 
 from dispatcher import AccessInfo, AccessType, IoPortInterceptMessage, Status, decode_completion, decode_message
+from dispatcher.replay import format_divergence, replay
 from dispatcher.trace import read_trace
-from dispatcher.trace_records import Completion, Intercept
+from dispatcher.trace_records import Completion, Intercept, IrqEdge
+from examples.cli import pc_router
 from transports.service import connect_service
 from transports.service.config import record_path
 
@@ -17,6 +19,7 @@ pytestmark = pytest.mark.anyio
 
 HERE = Path(__file__).parent  # where trace_devices.py is: the service's --device-path
 SCRATCH, HANG = 0x510, 0x511  # trace_devices' register, and its port whose handler never returns
+COM1_IER, COM1_IIR, COM1_MCR = 0x3F9, 0x3FA, 0x3FC
 
 
 def access(port: int, vm: int, *, write: bool = False, value: int = 0) -> bytes:
@@ -84,6 +87,29 @@ async def test_a_worker_whose_handler_hangs_writes_its_trace_first(tmp_path: Pat
     assert kinds == [(Intercept, SCRATCH), (Completion, None), (Intercept, HANG), (Completion, None)]
     last = trace.events[-1]
     assert isinstance(last, Completion) and decode_completion(last.frame).status == Status.DEADLINE_EXCEEDED
+
+
+async def test_the_devices_interrupt_edges_are_recorded_and_replayed(tmp_path: Path, anyio_backend: str) -> None:
+    # The default devices (the example PC): with OUT2 set (the PC's gate for the UART's interrupt), enabling
+    # COM1's transmitter-empty interrupt raises IRQ 4 at once.
+    base = tmp_path / "pc.trace"
+    service = ServiceProcess(
+        tmp_path, "--record", str(base), socket=tmp_path / "s.sock", backend=anyio_backend, cwd=HERE
+    )  # fmt: skip
+    try:
+        async with connect_service(tmp_path / "s.sock", vm=2, announce_timeout=60) as client:
+            await client.exchange(access(COM1_MCR, 2, write=True, value=0x08))
+            await client.exchange(access(COM1_IER, 2, write=True, value=0x02))
+            assert (await client.exchange(access(COM1_IIR, 2))).rax & 0x0F == 0x02  # THR empty is pending
+    finally:
+        assert service.stop() == 0, service.log
+
+    trace = read_trace(record_path(str(base), 2))
+    assert trace.metadata["machine"] == "examples.cli:pc_router"
+    edges = [(e.line, e.level) for e in trace.events if isinstance(e, IrqEdge)]
+    assert edges == [(4, True), (4, False)]  # reading IIR with THR empty as its cause clears it
+    result = replay(trace.events, pc_router())
+    assert result.ok and result.irqs_compared, [format_divergence(d) for d in result.differences]
 
 
 def test_record_needs_a_directory_that_exists(tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ from dispatcher import (
 )
 from dispatcher.guest import Guest
 from dispatcher.hello import Capability
+from dispatcher.irq import device_lines
 from dispatcher.lifecycle import Assembler, LifecycleReply, LifecycleRequest, LifecycleStatus, Verb, encode_reply
 from dispatcher.recorder import Recorder
 from dispatcher.trace import TraceWriter, new_metadata
@@ -503,6 +504,8 @@ class VmDevices:
         self.recorder = recorder
         if recorder is not None:
             options["observer"] = recorder
+            for line in device_lines(self.router):
+                recorder.tap(line)  # the devices' interrupt lines: their edges are in the trace too
         self.dispatcher = Dispatcher(served, deadline=deadline, **options)
         self.grace = grace
         self.cutoff = grace
