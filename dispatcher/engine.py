@@ -95,6 +95,11 @@ class Engine:
     ``observer`` (an :class:`EngineObserver`) sees each frame before it is
     handled and each completion as it is made; frames then take the
     general path, one at a time.
+
+    ``on_failure(status, error)`` hears of each access that failed
+    (HANDLER_FAILED with the exception, DEADLINE_EXCEEDED with None) in
+    place of the log line the engine would write: a replay keeps them as its
+    results.
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class Engine:
         inline: bool = True,
         partition: int | None = None,
         observer: EngineObserver | None = None,
+        on_failure: Callable[[Status, BaseException | None], object] | None = None,
     ) -> None:
         if max_elements < 1:
             raise ValueError(f"max_elements must be at least 1, not {max_elements}")
@@ -122,7 +128,7 @@ class Engine:
         self.observer = observer
         self._general = not inline or observer is not None
         self._clock = clock
-        self._port_io = PortIo(router, self.stats)
+        self._port_io = PortIo(router, self.stats, on_failure)
         self._string_io = StringIo(
             router, self.stats, self._port_io, guest=guest, max_elements=max_elements, deadline=deadline, clock=clock
         )

@@ -78,11 +78,17 @@ class Job:
 class PortIo:
     """The port I/O decisions of one engine: steps of an access, and their completion."""
 
-    __slots__ = ("router", "stats")
+    __slots__ = ("on_failure", "router", "stats")
 
-    def __init__(self, router: Router, stats: EngineStats) -> None:
+    def __init__(
+        self,
+        router: Router,
+        stats: EngineStats,
+        on_failure: Callable[[Status, BaseException | None], object] | None = None,
+    ) -> None:
         self.router = router
         self.stats = stats
+        self.on_failure = on_failure
 
     def steps(self, port: int, size: int, is_write: bool, rax: int, vp: int, partition: int) -> list[Step]:
         """The handler calls of one IN or OUT."""
@@ -151,12 +157,15 @@ class PortIo:
         error: BaseException | None,
         steps: list[Step],
     ) -> None:
-        """Count and log a failed access."""
+        """Count a failed access and log it, or hand it to ``on_failure`` where one was given."""
         stats = self.stats
         if status is Status.DEADLINE_EXCEEDED:
             stats.deadline_exceeded += 1
         else:
             stats.handler_failed += 1
+        if self.on_failure is not None:
+            self.on_failure(status, error)
+            return
         names = ", ".join(sorted({s.claim.name for s in steps if s.claim is not None}))
         log.error(
             "%s on port %#x (%s, %d bytes) by %s, partition %d, VP %d",

@@ -34,17 +34,16 @@ the access: replay follows the OUTs to the ports such entries name.
 Each intercept runs to its completion when it arrives: an async handler is
 stepped in place and must finish without waiting for anything (one that
 waits is a :class:`ReplayError`). String I/O under paging replays with
-identity translation. A handler's exception is taken from the engine's
-``intercept_dispatch.engine`` log record, which replay holds while it runs.
+identity translation. The engine reports each failed access to the replay
+(``Engine(on_failure=...)``) instead of logging it: failures are the replay's
+results, not log lines.
 """
 
 from __future__ import annotations
 
-import logging
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -87,7 +86,6 @@ __all__ = [
 DEFAULT_CONTEXT: Final = 5
 """How many events before a divergence it keeps for printing."""
 
-_ENGINE_LOG: Final = "intercept_dispatch.engine"
 _FIELDS: Final = (
     "source_partition",
     "vp_index",
@@ -232,31 +230,6 @@ class _TraceMemory(GuestMemory):
         self._session.memory_write(address, bytes(data))
 
 
-class _Failures(logging.Handler):
-    """Catches the engine's report of a failed handler, for the exception's name."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.errors: list[BaseException | None] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        info = record.exc_info
-        self.errors.append(info[1] if info else None)
-
-
-@contextmanager
-def _held_failures() -> Iterator[_Failures]:
-    handler = _Failures()
-    logger = logging.getLogger(_ENGINE_LOG)
-    logger.addHandler(handler)
-    propagate, logger.propagate = logger.propagate, False  # a replay's failures are its result, not log noise
-    try:
-        yield handler
-    finally:
-        logger.propagate = propagate
-        logger.removeHandler(handler)
-
-
 def machine_router(machine: object) -> Router:
     """The router of a machine (a Router, or an object with a ``router``)."""
     if isinstance(machine, Router):
@@ -313,8 +286,13 @@ class _Session:
         self.clock = clock
         self.context = context
         self.progress = progress
+        self.errors: list[BaseException | None] = []
+        """The exception of each failed access, as the engine reports it (in place of logging it)."""
         self.engine = Engine(
-            self.router, deadline=None, guest=Guest(_TraceMemory(self), translate=identity_translation)
+            self.router,
+            deadline=None,
+            guest=Guest(_TraceMemory(self), translate=identity_translation),
+            on_failure=lambda status, error: self.errors.append(error),
         )
         self.differences: list[Divergence] = []
         self.allowed: list[Divergence] = []
@@ -344,28 +322,26 @@ class _Session:
             self.edges.tap(line)
         replayed = 0
         try:
-            with _held_failures() as failures:
-                self.logged = failures
-                handlers: dict[type, Callable[[int, Any], None]] = {
-                    Completion: self._completion,
-                    ClockAdvance: self._clock_advance,
-                    Acknowledge: self._acknowledge,
-                    IrqEdge: self._irq_edge,
-                    MemoryRead: self._memory_event,
-                    MemoryWrite: self._memory_event,
-                }
-                for index, event in enumerate(self.trace):
-                    self.index = index
-                    kind = type(event)
-                    if isinstance(event, Intercept):
-                        self._intercept(index, event)
-                        replayed += 1
-                        continue
-                    handler = handlers.get(kind)
-                    if handler is None:
-                        raise ReplayError(f"{event!r} is not a trace event", index=index)
-                    handler(index, event)
-                self._end_edges()
+            handlers: dict[type, Callable[[int, Any], None]] = {
+                Completion: self._completion,
+                ClockAdvance: self._clock_advance,
+                Acknowledge: self._acknowledge,
+                IrqEdge: self._irq_edge,
+                MemoryRead: self._memory_event,
+                MemoryWrite: self._memory_event,
+            }
+            for index, event in enumerate(self.trace):
+                self.index = index
+                kind = type(event)
+                if isinstance(event, Intercept):
+                    self._intercept(index, event)
+                    replayed += 1
+                    continue
+                handler = handlers.get(kind)
+                if handler is None:
+                    raise ReplayError(f"{event!r} is not a trace event", index=index)
+                handler(index, event)
+            self._end_edges()
         finally:
             for line in reversed(self.irq_lines):
                 self.edges.untap(line)
@@ -412,7 +388,7 @@ class _Session:
             end += 1
         if self.progress is not None:
             self.progress(index)
-        logged = self.logged.errors
+        logged = self.errors
         before = len(logged)
         frame = event.frame
         out, jobs = self.engine.receive((frame,))

@@ -428,3 +428,21 @@ def test_a_decoded_answer_is_declined_while_an_observer_wants_frames() -> None:
     assert Engine(router).answer_port(0, 0, 0x60, 1, False, 0, 1) == 7
     assert Engine(router, observer=_Log()).answer_port(0, 0, 0x60, 1, False, 0, 1) is None
     assert Engine(router, partition=3).answer_port(0, 0, 0x60, 1, False, 0, 1) is None
+
+
+def test_on_failure_hears_each_failed_access_in_place_of_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    router = Router()
+    broken = ValueError("a broken register")
+
+    def fail(access: PortAccess) -> int:
+        raise broken
+
+    router.add(fail, 0x60)
+    heard: list[tuple[Status, BaseException | None]] = []
+    engine = Engine(router, on_failure=lambda status, error: heard.append((status, error)))
+    with caplog.at_level(logging.ERROR, logger="intercept_dispatch.engine"):
+        [completion] = run(engine, frame(0x60))
+    assert completion.status is Status.HANDLER_FAILED and completion.rax & 0xFF == 0xFF
+    assert heard == [(Status.HANDLER_FAILED, broken)]
+    assert engine.stats.handler_failed == 1
+    assert not caplog.records  # told, not logged
