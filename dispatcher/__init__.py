@@ -49,7 +49,7 @@ from .errors import (
 from .fields import Access, AccessInfo, AccessType, ExecutionState, SegmentAttributes, SegmentRegister
 from .guest import Guest, SegmentSource, Translate, identity_translation
 from .guest_memory import BufferMemory, GuestMemory, MemoryFault, MemoryRegion
-from .irq import NO_RECEIVER, IrqEvent, IrqLine, IrqReceiver, IrqRecorder, IrqWaitTimeout
+from .irq import NO_RECEIVER, InterruptController, IrqEvent, IrqLine, IrqReceiver, IrqRecorder, IrqWaitTimeout
 from .message import IoPortInterceptMessage, decode_message
 from .port_io import Job, Step
 from .qemu_log import QemuLogError, read_qemu_log
@@ -126,6 +126,7 @@ __all__ = [
     "IncompatibleVersionError",
     "InlineAnswer",
     "InstructionError",
+    "InterruptController",
     "IoInstruction",
     "IoPortInterceptMessage",
     "IrqEvent",

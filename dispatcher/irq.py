@@ -25,7 +25,7 @@ every change with the virtual time it happened at. With a
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from .clock import NS_PER_SECOND, VirtualClock
 from .errors import DispatchError
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NO_RECEIVER",
+    "InterruptController",
     "IrqEvent",
     "IrqLine",
     "IrqReceiver",
@@ -50,6 +51,16 @@ class IrqReceiver(Protocol):
     """Anything that takes line levels: ``set_irq(line, level)`` on every change."""
 
     def set_irq(self, line: int, level: bool) -> None: ...
+
+
+@runtime_checkable
+class InterruptController(Protocol):
+    """The CPU's side of an interrupt controller (an i8259A pair answers this): ``pending_vector()``, and
+    ``acknowledge()``, the acknowledge cycle, which gives the vector."""
+
+    def pending_vector(self) -> int | None: ...
+
+    def acknowledge(self) -> int: ...
 
 
 class _NoReceiver:

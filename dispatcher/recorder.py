@@ -36,23 +36,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 from .clock import SteppedClock, Timed
 from .guest import Guest
 from .guest_memory import GuestMemory, MemoryRegion
-from .irq import IrqLine, tap_line
+from .irq import InterruptController, IrqLine, tap_line
 from .trace import Kind, TraceWriter, acknowledge_payload, edge_payload, memory_payload
 
-__all__ = ["InterruptController", "Recorder"]
-
-
-class InterruptController(Protocol):
-    """The CPU's side of an interrupt controller: ``pending_vector()`` and ``acknowledge()``."""
-
-    def pending_vector(self) -> int | None: ...
-
-    def acknowledge(self) -> int: ...
+__all__ = ["Recorder"]
 
 
 class Recorder:

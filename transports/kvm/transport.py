@@ -47,6 +47,7 @@ from dispatcher import (
     FrameError,
     Guest,
     InlineAnswer,
+    InterruptController,
     Registers,
     Segment,
     SegmentRegister,
@@ -94,15 +95,6 @@ _WINDOW_KICK = 0.001  # seconds between kicks of a vCPU whose interrupt window i
 _ABANDON_AFTER = 2.0
 _RIP_BIT, _RAX_BIT = int(Registers.RIP), int(Registers.RAX)
 _NOT_OUT = int(Registers.RCX | Registers.RSI | Registers.RDI)
-
-
-@runtime_checkable
-class InterruptController(Protocol):
-    """What a vCPU asks about external interrupts (an i8259A pair answers this)."""
-
-    def pending_vector(self) -> int | None: ...
-
-    def acknowledge(self) -> int: ...
 
 
 @runtime_checkable
