@@ -53,7 +53,7 @@ from .engine import Engine
 from .errors import DispatchError, FrameError
 from .guest import Guest, identity_translation
 from .guest_memory import GuestMemory, MemoryRegion
-from .irq import IrqLine, IrqRecorder, device_lines
+from .irq import InterruptController, IrqLine, IrqRecorder, device_lines
 from .port_io import MASK, Job, call_step
 from .router import Router
 from .trace import describe
@@ -245,11 +245,7 @@ def _acknowledger(machine: object) -> Callable[[], int | None] | None:
     if callable(acknowledge):
         return acknowledge  # type: ignore[no-any-return]
     pic = getattr(machine, "pic", None)
-    if (
-        pic is not None
-        and callable(getattr(pic, "pending_vector", None))
-        and callable(getattr(pic, "acknowledge", None))
-    ):
+    if isinstance(pic, InterruptController):
 
         def from_pic() -> int | None:
             return None if pic.pending_vector() is None else int(pic.acknowledge())
