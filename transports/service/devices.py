@@ -24,7 +24,15 @@ from typing import Any, TypeVar
 
 from dispatcher import DispatchError, Router
 
-__all__ = ["SHARED_ATTRIBUTE", "DeviceLoader", "SharedDeviceError", "add_device_paths", "load_devices", "shared"]
+__all__ = [
+    "SHARED_ATTRIBUTE",
+    "DeviceLoader",
+    "SharedDeviceError",
+    "add_device_paths",
+    "load_devices",
+    "resolve",
+    "shared",
+]
 
 SHARED_ATTRIBUTE = "__intercept_dispatch_shared__"
 """The attribute :func:`shared` sets on what it marks."""
@@ -77,7 +85,7 @@ class DeviceLoader:
 
     def __init__(self, specs: Sequence[str], *, allow_shared: bool = True) -> None:
         self.specs = tuple(specs)
-        self._targets = [(spec, _resolve(spec)) for spec in self.specs]
+        self._targets = [(spec, resolve(spec)) for spec in self.specs]
         self._shared: dict[str, Any] = {}
         for spec, target in self._targets:
             if getattr(target, SHARED_ATTRIBUTE, False) and not allow_shared:
@@ -123,15 +131,21 @@ def _make(spec: str, target: Any) -> Any:
     return target
 
 
-def _resolve(spec: str) -> Any:
+def resolve(spec: str, *, what: str = "device") -> Any:
+    """What ``module:attribute`` (the attribute may be dotted, or absent) names, its module imported.
+
+    :raises ValueError: naming ``what`` and the spec, when the module cannot be imported or has no such attribute.
+    """
     module_name, _, attribute = spec.partition(":")
+    if not module_name:
+        raise ValueError(f"{what} {spec!r}: not MODULE:ATTR")
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"device {spec!r}: cannot import {module_name!r}: {error}") from error
+        raise ValueError(f"{what} {spec!r}: cannot import {module_name!r}: {error}") from error
     for name in filter(None, attribute.split(".")):
         try:
             target = getattr(target, name)
         except AttributeError:
-            raise ValueError(f"device {spec!r}: {module_name} has no attribute {attribute!r}") from None
+            raise ValueError(f"{what} {spec!r}: {module_name} has no attribute {attribute!r}") from None
     return target

@@ -19,7 +19,6 @@ reasons, and the last line is ``replayed N intercepts, M differ``.
 from __future__ import annotations
 
 import gzip
-import importlib
 import inspect
 import os
 import sys
@@ -35,7 +34,7 @@ from dispatcher.replay import DEFAULT_CONTEXT, ReplayResult, format_divergence, 
 from dispatcher.trace import MAGIC, read_trace
 from dispatcher.trace_records import TraceEvent
 from transports.service.command_line import CommandParser, count
-from transports.service.devices import add_device_paths
+from transports.service.devices import add_device_paths, resolve
 
 __all__ = [
     "DIFFER",
@@ -85,19 +84,10 @@ def load_events(path: str) -> tuple[dict[str, Any], list[TraceEvent]]:
 
 
 def _resolve(spec: str) -> Any:
-    module_name, _, attribute = spec.partition(":")
-    if not module_name:
-        raise MachineError(f"machine {spec!r}: not MODULE:ATTR")
     try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as error:
-        raise MachineError(f"machine {spec!r}: cannot import {module_name!r}: {error}") from None
-    for name in filter(None, attribute.split(".")):
-        try:
-            target = getattr(target, name)
-        except AttributeError:
-            raise MachineError(f"machine {spec!r}: {module_name} has no attribute {attribute!r}") from None
-    return target
+        return resolve(spec, what="machine")
+    except ValueError as error:
+        raise MachineError(str(error)) from None
 
 
 def _takes(target: Any, name: str) -> bool:
