@@ -23,11 +23,12 @@ from datetime import UTC, datetime
 
 import anyio
 
-from dispatcher import AccessInfo, AccessType, Dispatcher, Engine, IoPortInterceptMessage
+from dispatcher import Dispatcher, Engine
 from dispatcher.clock import VirtualClock
 from dispatcher.replay import replay
 from dispatcher.trace_records import ClockAdvance, Completion, Intercept, TraceEvent
 from examples.pc_devices import PC, build_pc
+from transports.service.client import io_intercept
 
 # The RTC starts here on every PC built, so its clock reads the same in the recording and the replays.
 START = datetime(2024, 1, 1, tzinfo=UTC)
@@ -38,10 +39,7 @@ def _pc(clock: VirtualClock) -> PC:
 
 
 def _frame(port: int, size: int, write: bool, value: int = 0) -> bytes:
-    kind = AccessType.WRITE if write else AccessType.READ
-    return IoPortInterceptMessage(
-        port_number=port, access_type=kind, access_info=AccessInfo.build(size), rax=value
-    ).to_bytes()
+    return io_intercept(port, size, write=write, value=value)
 
 
 def bios_frames(count: int, seed: int = 1) -> list[bytes]:

@@ -25,6 +25,7 @@ from dispatcher.clock import VirtualClock
 from dispatcher.recorder import Recorder
 from dispatcher.trace import TraceReader, TraceWriter, new_metadata
 from dispatcher.trace_records import TraceEvent
+from transports.service.client import io_intercept
 
 FLAT_DATA = SegmentRegister(0, 0xFFFF_FFFF, 0x10, SegmentAttributes(0xC093))
 FLAT_CODE = SegmentRegister(0, 0xFFFF_FFFF, 0x08, SegmentAttributes(0xC09B))
@@ -32,13 +33,7 @@ FLAT_CODE = SegmentRegister(0, 0xFFFF_FFFF, 0x08, SegmentAttributes(0xC09B))
 
 def port_frame(port: int, size: int = 1, write: bool = False, value: int = 0, vp: int = 0) -> bytes:
     """An IN or OUT intercept frame."""
-    return IoPortInterceptMessage(
-        port_number=port,
-        access_type=AccessType.WRITE if write else AccessType.READ,
-        access_info=AccessInfo.build(size),
-        rax=value,
-        vp_index=vp,
-    ).to_bytes()
+    return io_intercept(port, size, write=write, value=value, vp=vp)
 
 
 def string_frame(port: int, *, outs: bool, count: int, address: int) -> bytes:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher import AccessInfo, AccessType, IoPortInterceptMessage, Registers, Status
+from dispatcher import Registers, Status
 from dispatcher.trace import FORMAT_VERSION, MAGIC, TraceError, TraceReader, TraceWriter, dump, new_metadata, read_trace
 from dispatcher.trace_records import (
     Acknowledge,
@@ -23,6 +23,7 @@ from dispatcher.trace_records import (
     TraceEvent,
 )
 from dispatcher.wire import pack_completion
+from transports.service.client import io_intercept
 
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<BIQQI")  # kind, payload length, virtual_ns, real_ns, CRC-32
@@ -36,16 +37,11 @@ def reseal(data: bytearray, offset: int) -> None:
 
 
 def out_frame(port: int, value: int, *, size: int = 1, rip: int = 0x7C00) -> bytes:
-    return IoPortInterceptMessage(
-        port_number=port, access_type=AccessType.WRITE, access_info=AccessInfo.build(size), rax=value, rip=rip,
-        instruction_length=1,
-    ).to_bytes()  # fmt: skip
+    return io_intercept(port, size, write=True, value=value, rip=rip)
 
 
 def in_frame(port: int, *, size: int = 1, rip: int = 0x7C10) -> bytes:
-    return IoPortInterceptMessage(
-        port_number=port, access_type=AccessType.READ, access_info=AccessInfo.build(size), rip=rip, instruction_length=1
-    ).to_bytes()
+    return io_intercept(port, size, write=False, rip=rip)
 
 
 def completion_frame(rax: int, rip: int) -> bytes:

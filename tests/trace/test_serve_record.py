@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from service_process import ServiceProcess
 
-from dispatcher import AccessInfo, AccessType, IoPortInterceptMessage, Status, decode_completion, decode_message
+from dispatcher import Status, decode_completion, decode_message
 from dispatcher.replay import format_divergence, replay
 from dispatcher.trace import read_trace
 from dispatcher.trace_records import Completion, Intercept, IrqEdge
 from examples.cli import pc_router
-from transports.service import connect_service
+from transports.service import connect_service, io_intercept
 from transports.service.config import record_path
 
 pytestmark = pytest.mark.anyio
@@ -23,15 +23,7 @@ COM1_IER, COM1_IIR, COM1_MCR = 0x3F9, 0x3FA, 0x3FC
 
 
 def access(port: int, vm: int, *, write: bool = False, value: int = 0) -> bytes:
-    return IoPortInterceptMessage(
-        port_number=port,
-        access_type=AccessType.WRITE if write else AccessType.READ,
-        access_info=AccessInfo.build(1),
-        rax=value,
-        instruction_length=1,
-        rip=0x1000,
-        source_partition=vm,
-    ).to_bytes()
+    return io_intercept(port, 1, write=write, value=value, partition=vm, rip=0x1000)
 
 
 @pytest.mark.parametrize(("isolation", "name"), [("worker", "run.trace.gz"), ("in-process", "run.trace")])
